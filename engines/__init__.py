@@ -1,0 +1,1 @@
+"""Facecast's engines: one interface per stage (``engines.base``), one module per implementation."""

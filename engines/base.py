@@ -1,0 +1,228 @@
+"""One interface per pipeline stage.
+
+Every implementation lives in its own module and is created by name through
+``engines.registry``; the media server only ever sees these types.
+
+All methods here are blocking: the media server calls them from worker threads
+(``asyncio.to_thread``) so model inference never blocks the event loop.
+Engines are created once per process, warmed up once, and shared by every
+session; per-session state lives in the stream objects they open.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from engines.avatar import Avatar
+
+
+class EngineSettings(BaseModel):
+    """Base of every engine's own settings model: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Engine(ABC):
+    """What every engine has: a name, its settings, a warm-up and a description."""
+
+    Settings: ClassVar[type[EngineSettings]] = EngineSettings
+
+    def warm_up(self) -> None:
+        """Run one small inference so the first real request is as fast as the tenth."""
+
+    def describe(self) -> dict[str, object]:
+        """What ``facecast doctor`` prints: model paths, hashes, device, and why."""
+        return {}
+
+    def close(self) -> None:
+        """Release processes or handles the engine owns."""
+
+
+# --- VAD -------------------------------------------------------------------
+
+
+class VADStream(ABC):
+    """Per-session VAD state (silero is recurrent)."""
+
+    @abstractmethod
+    def speech_probability(self, window: np.ndarray) -> float:
+        """Probability that one window (``VADEngine.window_samples`` float32 samples at 16 kHz) is speech."""
+
+    @abstractmethod
+    def reset(self) -> None: ...
+
+
+class VADEngine(Engine):
+    sample_rate: ClassVar[int] = 16000
+    window_samples: ClassVar[int] = 512
+
+    @abstractmethod
+    def open_stream(self) -> VADStream: ...
+
+
+# --- ASR -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    language: str
+    audio_seconds: float
+
+
+class ASREngine(Engine):
+    sample_rate: ClassVar[int] = 16000
+
+    @abstractmethod
+    def transcribe(self, audio: np.ndarray, *, partial: bool = False) -> Transcript:
+        """Transcribe float32 mono audio at 16 kHz. ``partial`` marks an interim decode of speech still going on."""
+
+
+# --- LLM -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Literal["user", "assistant"]
+    text: str
+
+
+@dataclass(frozen=True)
+class Persona:
+    name: str
+    display_name: str
+    system_prompt: str
+    examples: tuple[tuple[str, str], ...] = ()
+
+
+class LLMEngine(Engine):
+    @abstractmethod
+    def stream_reply(
+        self,
+        persona: Persona,
+        history: list[ChatMessage],
+        cancelled: Callable[[], bool],
+    ) -> Iterator[str]:
+        """Yield the reply to the last user message of ``history`` as text deltas.
+
+        The engine bounds the prompt by tokens (oldest turns are dropped first) and
+        stops early once ``cancelled()`` returns True.
+        """
+
+
+# --- TTS -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhonemeTiming:
+    phoneme: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class SpeechChunk:
+    """Synthesised audio for one sentence or clause."""
+
+    audio: np.ndarray  # float32 mono in [-1, 1]
+    sample_rate: int
+    text: str
+    phonemes: tuple[PhonemeTiming, ...] | None = None  # None when the voice gives no durations
+
+
+class TTSEngine(Engine):
+    @property
+    @abstractmethod
+    def voices(self) -> list[str]: ...
+
+    @property
+    @abstractmethod
+    def default_voice(self) -> str: ...
+
+    @abstractmethod
+    def synthesize(self, text: str, voice: str) -> Iterator[SpeechChunk]:
+        """Yield one chunk per sentence as soon as it is ready. Closing the iterator abandons the rest."""
+
+
+# --- Lip-sync --------------------------------------------------------------
+
+
+@dataclass
+class AVFrame:
+    """One tick of output: a video frame and exactly the audio it is shown with."""
+
+    video: np.ndarray  # H x W x 3 uint8, BGR
+    audio: np.ndarray  # float32 mono at the stream's sample rate, samples_per_frame long
+    speech: bool = True
+    segment_end: bool = False  # last frame of a pushed segment
+
+
+class LipSyncStream(ABC):
+    """Per-session generator, after LiveKit's VideoGenerator: push audio in, pull frames paired with audio.
+
+    Frame k of a segment is shown with audio samples [k*spf, (k+1)*spf) of that segment,
+    where spf = sample_rate / fps, so audio and video cannot drift apart.
+    """
+
+    @abstractmethod
+    def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
+        """Append speech (float32 mono at the stream's sample rate) to the current segment."""
+
+    @abstractmethod
+    def end_segment(self) -> None:
+        """No more audio for this segment: the last partial frame is padded with silence."""
+
+    @abstractmethod
+    def pull(self) -> list[AVFrame]:
+        """Render every frame that the audio pushed so far allows, in order (may be empty)."""
+
+    @abstractmethod
+    def idle_frame(self) -> np.ndarray:
+        """The next frame while nobody speaks: blinks and slight motion, continuous with speech frames."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Barge-in: drop all pushed audio and frames not yet pulled."""
+
+
+class LipSyncEngine(Engine):
+    @abstractmethod
+    def prepare(self, avatar: Avatar) -> None:
+        """Precompute what every session of this avatar shares (face crops, features). Idempotent."""
+
+    @abstractmethod
+    def open_stream(self, avatar: Avatar, fps: int, sample_rate: int) -> LipSyncStream: ...
+
+
+# --- Face enhancer -----------------------------------------------------------
+
+
+class FaceEnhancer(Engine):
+    @abstractmethod
+    def enhance(self, face_bgr: np.ndarray) -> np.ndarray:
+        """Restore one face crop (H x W x 3 uint8 BGR) and return it at the same size."""
+
+
+@dataclass
+class EngineSet:
+    """The engines one server process shares across all its sessions."""
+
+    vad: VADEngine
+    asr: ASREngine
+    llm: LLMEngine
+    tts: TTSEngine
+    lipsync: LipSyncEngine
+    enhancer: FaceEnhancer | None = None
+    descriptions: dict[str, dict[str, object]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for engine in (self.vad, self.asr, self.llm, self.tts, self.lipsync, self.enhancer):
+            if engine is not None:
+                engine.close()

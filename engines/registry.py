@@ -1,0 +1,52 @@
+"""Engines are chosen by name in the configuration; this is the only place names map to modules.
+
+Implementations are imported lazily, so the server never imports one it does not use
+(and never imports a GPL one at all: the piper engine runs its model in a worker process).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+from pydantic import ValidationError
+
+from engines.base import Engine
+
+IMPLEMENTATIONS: dict[str, dict[str, str]] = {
+    "vad": {"silero": "engines.vad_silero:SileroVAD"},
+    "asr": {"faster-whisper": "engines.asr_faster_whisper:FasterWhisperASR"},
+    "llm": {"llama-cpp": "engines.llm_llama_cpp:LlamaCppLLM"},
+    "tts": {"piper": "engines.tts_piper:PiperTTS"},
+    "lipsync": {
+        "warp": "engines.lipsync_warp:WarpLipSync",
+        "wav2lip": "engines.lipsync_wav2lip:Wav2LipSync",
+    },
+    "enhancer": {"gfpgan": "engines.enhancer_gfpgan:GFPGANEnhancer"},
+}
+
+
+class EngineConfigError(ValueError):
+    """An engine name or option in the configuration is wrong; the message says which and why."""
+
+
+def engine_class(stage: str, name: str) -> type[Engine]:
+    choices = IMPLEMENTATIONS.get(stage)
+    if choices is None:
+        raise EngineConfigError(f"unknown stage {stage!r}; stages are {', '.join(IMPLEMENTATIONS)}")
+    target = choices.get(name)
+    if target is None:
+        raise EngineConfigError(f"unknown {stage} engine {name!r}; available: {', '.join(choices)}")
+    module_name, class_name = target.split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create_engine(stage: str, name: str, options: Mapping[str, object]) -> Engine:
+    """Build one engine from its name and its own options, validated by its Settings model."""
+    cls = engine_class(stage, name)
+    try:
+        settings = cls.Settings.model_validate(dict(options))
+    except ValidationError as error:
+        problems = "; ".join(f"{stage}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise EngineConfigError(f"invalid settings for {stage} engine {name!r}: {problems}") from error
+    return cls(settings)
