@@ -1,0 +1,1 @@
+"""Facecast's media server: HTTP, WebRTC sessions, the conversation pipeline and the CLI."""

@@ -1,0 +1,3 @@
+from media_server.cli import main
+
+main()

@@ -1,0 +1,177 @@
+"""The session's output timeline: audio is the clock.
+
+One paced loop advances a tick every 1/fps seconds. Each tick takes exactly one AVFrame (a
+speech frame from the queue, or an idle frame and silence) and hands its audio, split into
+20 ms packets, to the audio track and its picture to the video track, both stamped with the
+same tick. The two tracks are fed from the same queue at the same time, so they cannot drift
+apart however long the session runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from engines.base import AVFrame, LipSyncStream
+
+AUDIO_PACKET_S = 0.02
+VIDEO_CLOCK_RATE = 90000
+MAX_TRACK_BACKLOG = 50
+
+
+@dataclass
+class QueuedFrame:
+    frame: AVFrame
+    turn: int
+    first_of_turn: bool = False
+    last_of_turn: bool = False
+
+
+@dataclass
+class PlaybackEvent:
+    kind: str  # "started" | "finished"
+    turn: int
+    at: float  # time.monotonic() when the tick's audio was handed to the audio track
+
+
+class OutputTrack(MediaStreamTrack):
+    """A track that returns what the timeline gives it; the timeline does the pacing."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._frames: asyncio.Queue[av.AudioFrame | av.VideoFrame] = asyncio.Queue()
+        self.dropped = 0
+
+    def offer(self, frame: av.AudioFrame | av.VideoFrame) -> None:
+        if self._frames.qsize() >= MAX_TRACK_BACKLOG:  # the consumer stalled: keep the newest
+            self._frames.get_nowait()
+            self.dropped += 1
+        self._frames.put_nowait(frame)
+
+    async def recv(self) -> av.AudioFrame | av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        return await self._frames.get()
+
+
+class AVTimeline:
+    def __init__(
+        self,
+        lipsync: LipSyncStream,
+        lipsync_executor: Executor,
+        fps: int,
+        sample_rate: int,
+    ) -> None:
+        self.lipsync = lipsync
+        self.lipsync_executor = lipsync_executor
+        self.fps = fps
+        self.sample_rate = sample_rate
+        self.samples_per_frame = sample_rate // fps
+        self.on_playback: Callable[[PlaybackEvent], None] = lambda event: None
+        self.audio = OutputTrack("audio")
+        self.video = OutputTrack("video")
+        self.tick = 0
+        self.frames_sent = 0
+        self.late_ticks = 0
+        self._speech: deque[QueuedFrame] = deque()
+        self._silence = np.zeros(self.samples_per_frame, dtype=np.float32)
+        self._playing_turn: int | None = None
+        self._pending_pcm = np.zeros(0, dtype=np.int16)  # audio not yet a whole 20 ms packet
+        self._audio_samples_sent = 0
+
+    # --- fed by the pipeline -------------------------------------------------
+
+    def enqueue(self, frames: list[QueuedFrame]) -> None:
+        self._speech.extend(frames)
+
+    @property
+    def queued_frames(self) -> int:
+        return len(self._speech)
+
+    def mark_last(self, turn: int) -> None:
+        """The turn has no more frames: its last queued frame ends it, or it ends now if all were played."""
+        for queued in reversed(self._speech):
+            if queued.turn == turn:
+                queued.last_of_turn = True
+                return
+        if self._playing_turn == turn:
+            self._playing_turn = None
+            self.on_playback(PlaybackEvent("finished", turn, time.monotonic()))
+
+    def clear(self) -> int | None:
+        """Barge-in: drop every queued speech frame; returns the turn that was playing, if any."""
+        self._speech.clear()
+        turn, self._playing_turn = self._playing_turn, None
+        return turn
+
+    @property
+    def speaking(self) -> bool:
+        return self._playing_turn is not None
+
+    # --- the clock -------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            delay = start + self.tick / self.fps - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -1.0 / self.fps:
+                self.late_ticks += 1
+            await self._play_tick(loop)
+            self.tick += 1
+
+    async def _play_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._speech:
+            queued = self._speech.popleft()
+            picture, audio = queued.frame.video, queued.frame.audio
+        else:
+            queued = None
+            picture = await loop.run_in_executor(self.lipsync_executor, self.lipsync.idle_frame)
+            audio = self._silence
+        self._send(picture, audio)
+        if queued is not None:
+            self._report(queued)
+
+    def _report(self, queued: QueuedFrame) -> None:
+        now = time.monotonic()
+        if queued.first_of_turn or self._playing_turn != queued.turn:
+            self._playing_turn = queued.turn
+            self.on_playback(PlaybackEvent("started", queued.turn, now))
+        if queued.last_of_turn:
+            self._playing_turn = None
+            self.on_playback(PlaybackEvent("finished", queued.turn, now))
+
+    def _send(self, picture: np.ndarray, audio: np.ndarray) -> None:
+        video_frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
+        video_frame.pts = self.tick * VIDEO_CLOCK_RATE // self.fps
+        video_frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+        self.video.offer(video_frame)
+        pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
+        self._pending_pcm = np.concatenate([self._pending_pcm, pcm])
+        packet = int(self.sample_rate * AUDIO_PACKET_S)
+        while len(self._pending_pcm) >= packet:
+            audio_frame = av.AudioFrame.from_ndarray(self._pending_pcm[None, :packet], format="s16", layout="mono")
+            audio_frame.sample_rate = self.sample_rate
+            audio_frame.pts = self._audio_samples_sent
+            audio_frame.time_base = fractions.Fraction(1, self.sample_rate)
+            self.audio.offer(audio_frame)
+            self._pending_pcm = self._pending_pcm[packet:]
+            self._audio_samples_sent += packet
+        self.frames_sent += 1
+
+    def stop(self) -> None:
+        self.audio.stop()
+        self.video.stop()
+

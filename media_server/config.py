@@ -1,0 +1,167 @@
+"""Configuration: ``config/default.toml``, then a user file, then ``FACECAST__SECTION__KEY`` environment
+variables, then ``--set section.key=value`` flags; later sources win. Validated with pydantic so a
+mistake is reported as ``section.key: what is wrong`` before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "config" / "default.toml"
+ENV_PREFIX = "FACECAST__"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each bad setting."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class IceServer(Strict):
+    urls: list[str]
+    username: str | None = None
+    credential: str | None = None
+
+
+class ServerSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    max_sessions: int = Field(4, ge=1)
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+    # A session whose client sends nothing (no mic audio, no data) for this long is closed.
+    client_timeout_s: float = Field(15.0, gt=0)
+    avatars_dir: Path = PROJECT_ROOT / "avatars"
+    static_dir: Path = PROJECT_ROOT / "static"
+    default_avatar: str = "default"
+    default_persona: str = "assistant"
+    ice_servers: list[IceServer] = []
+
+
+class MediaSettings(Strict):
+    fps: int = Field(25, ge=5, le=60)
+    sample_rate: int = 48000
+
+    @model_validator(mode="after")
+    def _whole_samples_per_frame(self) -> MediaSettings:
+        if self.sample_rate % self.fps:
+            raise ValueError(f"sample_rate {self.sample_rate} must be a multiple of fps {self.fps}")
+        return self
+
+
+class TurnSettings(Strict):
+    """Turn-taking policy: when the user has started, finished, or interrupted."""
+
+    vad_threshold: float = Field(0.5, gt=0, lt=1)
+    min_speech_ms: int = Field(150, ge=0)
+    min_silence_ms: int = Field(500, ge=50)
+    min_interruption_ms: int = Field(150, ge=0)
+    pre_roll_ms: int = Field(300, ge=0)
+    partial_interval_ms: int = Field(800, ge=100)
+    max_utterance_s: float = Field(20.0, gt=1)
+    first_chunk_min_words: int = Field(4, ge=1)
+
+
+class StageSettings(BaseModel):
+    """``engine`` names the implementation; every other key is that engine's own option."""
+
+    model_config = ConfigDict(extra="allow")
+    engine: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PersonaSettings(Strict):
+    display_name: str
+    system_prompt: str
+    examples: list[tuple[str, str]] = []
+    voice: str | None = None
+
+
+class Settings(Strict):
+    server: ServerSettings = ServerSettings()
+    media: MediaSettings = MediaSettings()
+    turn: TurnSettings = TurnSettings()
+    vad: StageSettings
+    asr: StageSettings
+    llm: StageSettings
+    tts: StageSettings
+    lipsync: StageSettings
+    enhancer: StageSettings | None = None
+    personas: dict[str, PersonaSettings]
+
+    @model_validator(mode="after")
+    def _default_persona_exists(self) -> Settings:
+        if self.server.default_persona not in self.personas:
+            raise ValueError(
+                f"server.default_persona {self.server.default_persona!r} is not one of the personas: "
+                f"{', '.join(self.personas)}"
+            )
+        return self
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML literal where it parses as one (numbers, booleans, arrays), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {key} is not a section")
+    node[leaf] = value
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file {path} does not exist") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+
+
+def load_settings(
+    config_file: Path | None = None,
+    overrides: Mapping[str, str] = {},
+    environ: Mapping[str, str] = os.environ,
+) -> Settings:
+    tree = _read_toml(DEFAULT_CONFIG)
+    if config_file is not None:
+        tree = _merge(tree, _read_toml(config_file))
+    for name, text in environ.items():
+        if name.startswith(ENV_PREFIX):
+            _set_path(tree, name[len(ENV_PREFIX) :].lower().replace("__", "."), _parse_value(text))
+    for dotted, text in overrides.items():
+        _set_path(tree, dotted, _parse_value(text))
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as error:
+        problems = "\n".join(f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"invalid configuration:\n{problems}") from error

@@ -1,0 +1,178 @@
+"""A real aiortc peer that talks to a Facecast server the way a browser does.
+
+The tests and ``facecast bench`` use it: it sends speech as its microphone (real time, 20 ms
+Opus frames), sends and receives `events`, and records the avatar's audio and video.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import aiohttp
+import av
+import cv2
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from media_server.audio import resample
+
+MIC_RATE = 48000
+PACKET = 960  # 20 ms at 48 kHz
+THUMBNAIL = 256
+
+
+class MicrophoneTrack(MediaStreamTrack):
+    """Plays queued speech in real time, silence otherwise, and notes when each clip ended."""
+
+    kind = "audio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._queue: deque[np.ndarray] = deque()
+        self._samples_sent = 0
+        self._start: float | None = None
+        self.clip_ended: list[float] = []  # time.monotonic() when the last sample of each clip was sent
+        self._clip_remaining = 0
+
+    def say(self, audio: np.ndarray, rate: int) -> float:
+        """Queue a clip; returns its duration in seconds."""
+        samples = resample(audio, rate, MIC_RATE)
+        pad = (-len(samples)) % PACKET
+        samples = np.concatenate([samples, np.zeros(pad, np.float32)])
+        for offset in range(0, len(samples), PACKET):
+            self._queue.append(samples[offset : offset + PACKET])
+        return len(samples) / MIC_RATE
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        wait = self._start + self._samples_sent / MIC_RATE - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if self._queue:
+            packet = self._queue.popleft()
+            if not self._queue:
+                self.clip_ended.append(time.monotonic())
+        else:
+            packet = np.zeros(PACKET, np.float32)
+        frame = av.AudioFrame.from_ndarray((packet * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
+        frame.sample_rate = MIC_RATE
+        frame.pts = self._samples_sent
+        frame.time_base = fractions.Fraction(1, MIC_RATE)
+        self._samples_sent += PACKET
+        return frame
+
+
+@dataclass
+class ReceivedVideo:
+    at: float
+    pts: int
+    gray: np.ndarray  # THUMBNAIL x THUMBNAIL grayscale: enough to see a mouth move, small enough to keep
+    size: tuple[int, int]
+
+
+@dataclass
+class Recording:
+    audio: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (arrival, mono float32 at 48 kHz)
+    video: list[ReceivedVideo] = field(default_factory=list)
+    last_full_frame: np.ndarray | None = None
+
+    def audio_between(self, start: float, end: float) -> np.ndarray:
+        parts = [samples for at, samples in self.audio if start <= at < end]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+    def first_loud_audio_after(self, start: float, threshold: float = 0.02) -> float | None:
+        for at, samples in self.audio:
+            if at >= start and np.sqrt(np.mean(samples**2)) > threshold:
+                return at
+        return None
+
+
+class LoopbackClient:
+    def __init__(self, base_url: str, *, keep_video: bool = True) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.keep_video = keep_video
+        self.pc = RTCPeerConnection()
+        self.microphone = MicrophoneTrack()
+        self.recording = Recording()
+        self.events: list[tuple[float, dict]] = []
+        self.session_id: str | None = None
+        self._channel = None
+        self._opened = asyncio.Event()
+        self._new_event = asyncio.Event()
+        self._readers: list[asyncio.Task[None]] = []
+
+    async def connect(self, **choices: str) -> None:
+        self.pc.addTrack(self.microphone)
+        self.pc.addTransceiver("video", direction="recvonly")
+        self._channel = self.pc.createDataChannel("events")
+        self._channel.on("open", self._opened.set)
+        self._channel.on("message", self._on_message)
+        self.pc.on("track", self._on_track)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer", **choices}
+        async with aiohttp.ClientSession() as http, http.post(f"{self.base_url}/offer", json=body) as response:
+            answer = await response.json()
+            if response.status != 200:
+                raise RuntimeError(f"offer refused ({response.status}): {answer}")
+        self.session_id = answer["session_id"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        await asyncio.wait_for(self._opened.wait(), 20)
+
+    def _on_message(self, message: str) -> None:
+        self.events.append((time.monotonic(), json.loads(message)))
+        self._new_event.set()
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self._readers.append(asyncio.create_task(self._read(track)))
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                if track.kind == "audio":
+                    pcm = frame.to_ndarray().astype(np.float32) / 32768.0
+                    channels = len(frame.layout.channels)
+                    mono = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)
+                    self.recording.audio.append((now, mono))
+                elif self.keep_video:
+                    image = frame.to_ndarray(format="bgr24")
+                    self.recording.last_full_frame = image
+                    gray = cv2.cvtColor(cv2.resize(image, (THUMBNAIL, THUMBNAIL)), cv2.COLOR_BGR2GRAY)
+                    self.recording.video.append(ReceivedVideo(now, frame.pts, gray, (image.shape[1], image.shape[0])))
+
+    def send(self, event: dict) -> None:
+        self._channel.send(json.dumps(event))
+
+    async def wait_for(self, predicate, timeout: float = 30.0, after: float = 0.0) -> dict:  # noqa: ANN001
+        """The first event received after ``after`` (monotonic) that satisfies ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for at, event in self.events:
+                if at >= after and predicate(event):
+                    return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                kinds = [e.get("type") for _, e in self.events[-15:]]
+                raise TimeoutError(f"no matching event within {timeout} s; last events: {kinds}")
+            self._new_event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._new_event.wait(), remaining)
+
+    def events_of(self, kind: str, after: float = 0.0) -> list[dict]:
+        return [e for at, e in self.events if e.get("type") == kind and at >= after]
+
+    async def close(self) -> None:
+        for reader in self._readers:
+            reader.cancel()
+        await self.pc.close()

@@ -1,0 +1,327 @@
+"""One session's conversation: microphone → VAD → turn policy → ASR → LLM → chunker → TTS →
+lip-sync → the output timeline. A turn is one asyncio task; a barge-in cancels it, and with it
+every stage's task and queue, then clears what the timeline and the lip-sync stream still hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, SpeechChunk
+from media_server.audio import MicrophoneResampler, resample
+from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
+from media_server.chunker import SpeechChunker
+from media_server.config import TurnSettings
+from media_server.metrics import STAGES, ServerMetrics
+from media_server.threads import iterate_in_thread
+from media_server.turn_policy import TurnEvent, TurnEventKind, TurnPolicy
+
+log = logging.getLogger(__name__)
+Emit = Callable[[dict[str, object]], None]
+MIN_PARTIAL_SECONDS = 0.6
+
+
+@dataclass
+class Turn:
+    """Timestamps (time.monotonic) of one turn's stages, from the end of the user's input."""
+
+    id: int
+    started: float  # end of the user's speech, or the typed message's arrival
+    marks: dict[str, float] = field(default_factory=dict)
+    reply: str = ""
+    reply_in_history: bool = False
+
+    def mark(self, stage: str) -> None:
+        self.marks.setdefault(stage, time.monotonic())
+
+    def latencies_ms(self) -> dict[str, float]:
+        return {stage: round((self.marks[stage] - self.started) * 1000, 1) for stage in STAGES if stage in self.marks}
+
+
+class Conversation:
+    def __init__(
+        self,
+        *,
+        engines: EngineSet,
+        turn_settings: TurnSettings,
+        persona: Persona,
+        voice: str,
+        lipsync: LipSyncStream,
+        lipsync_executor: Executor,
+        timeline: AVTimeline,
+        metrics: ServerMetrics,
+        emit: Emit,
+    ) -> None:
+        self.engines = engines
+        self.settings = turn_settings
+        self.persona = persona
+        self.voice = voice
+        self.lipsync = lipsync
+        self.lipsync_executor = lipsync_executor
+        self.timeline = timeline
+        self.metrics = metrics
+        self.emit = emit
+        self.history: list[ChatMessage] = []
+        self.last_client_activity = time.monotonic()
+        self._vad = engines.vad.open_stream()
+        window = engines.vad.window_samples
+        self._window_s = window / engines.vad.sample_rate
+        self._policy = TurnPolicy(turn_settings, self._window_s)
+        self._pre_roll: deque[np.ndarray] = deque(maxlen=max(1, int(turn_settings.pre_roll_ms / 1000 / self._window_s)))
+        self._utterance: list[np.ndarray] = []
+        self._audio_time = 0.0
+        self._turn_ids = 0
+        self._turn: Turn | None = None
+        self._turn_task: asyncio.Task[None] | None = None
+        self._partial_task: asyncio.Task[None] | None = None
+        self._speech_started_wall: float | None = None
+        timeline.on_playback = self._on_playback
+
+    # --- microphone ----------------------------------------------------------
+
+    async def consume_microphone(self, track: MediaStreamTrack) -> None:
+        converter = MicrophoneResampler(self.engines.vad.sample_rate)
+        window = self.engines.vad.window_samples
+        pending = np.zeros(0, np.float32)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            self.last_client_activity = time.monotonic()
+            pending = np.concatenate([pending, converter.convert(frame)])
+            while len(pending) >= window:
+                self._on_window(pending[:window])
+                pending = pending[window:]
+
+    def _on_window(self, window: np.ndarray) -> None:
+        probability = self._vad.speech_probability(window)
+        window_start = self._audio_time
+        self._audio_time += self._window_s
+        if self._policy.user_speaking:
+            self._utterance.append(window)
+        else:
+            self._pre_roll.append(window)
+        avatar_busy = self._turn_task is not None or self.timeline.speaking
+        for event in self._policy.on_window(probability, window_start, avatar_busy):
+            self._on_turn_event(event)
+
+    def _wall_time_of(self, audio_time: float) -> float:
+        """Mic audio arrives in real time, so an instant of it maps back to a wall-clock instant."""
+        return time.monotonic() - (self._audio_time - audio_time)
+
+    def _on_turn_event(self, event: TurnEvent) -> None:
+        if event.kind is TurnEventKind.INTERRUPT:
+            self.interrupt(reason="barge-in", user_started=self._wall_time_of(event.at))
+        elif event.kind is TurnEventKind.USER_STARTED:
+            self.interrupt(reason="barge-in", user_started=self._wall_time_of(event.at))
+            self._utterance = list(self._pre_roll)
+            self._pre_roll.clear()
+            self._partial_task = asyncio.create_task(self._partial_transcripts())
+        elif event.kind is TurnEventKind.USER_ENDED:
+            self._cancel_partials()
+            audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
+            self._utterance = []
+            self._start_turn(self._wall_time_of(event.at), audio=audio)
+
+    async def _partial_transcripts(self) -> None:
+        interval = self.settings.partial_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if len(self._utterance) * self._window_s < MIN_PARTIAL_SECONDS:
+                continue
+            audio = np.concatenate(self._utterance)
+            transcript = await asyncio.to_thread(self.engines.asr.transcribe, audio, partial=True)
+            if transcript.text:
+                self.emit({"type": "transcript", "text": transcript.text, "final": False})
+
+    def _cancel_partials(self) -> None:
+        if self._partial_task is not None:
+            self._partial_task.cancel()
+            self._partial_task = None
+
+    # --- turns ---------------------------------------------------------------
+
+    def submit_text(self, text: str) -> None:
+        self.last_client_activity = time.monotonic()
+        self.interrupt(reason="new message")
+        self.emit({"type": "transcript", "text": text, "final": True, "typed": True})
+        self._start_turn(time.monotonic(), text=text)
+
+    def _start_turn(self, started: float, *, audio: np.ndarray | None = None, text: str | None = None) -> None:
+        self._turn_ids += 1
+        turn = Turn(self._turn_ids, started)
+        self._turn = turn
+        self._turn_task = asyncio.create_task(self._run_turn(turn, audio, text))
+        self._turn_task.add_done_callback(self._turn_task_done)
+
+    def _turn_task_done(self, task: asyncio.Task[None]) -> None:
+        if self._turn_task is task:
+            self._turn_task = None
+
+    async def _run_turn(self, turn: Turn, audio: np.ndarray | None, text: str | None) -> None:
+        try:
+            self.emit({"type": "state", "state": "thinking"})
+            if audio is not None:
+                transcript = await asyncio.to_thread(self.engines.asr.transcribe, audio)
+                turn.mark("transcript")
+                text = transcript.text
+                self.emit({"type": "transcript", "text": text, "final": True, "turn": turn.id})
+            if not text:
+                self.emit({"type": "state", "state": "listening"})
+                return
+            self.history.append(ChatMessage("user", text))
+            await self._reply(turn)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # one session's engine failure is reported to it and to nobody else
+            log.exception("turn %s failed", turn.id)
+            self.report_error("turn_failed", f"the reply failed: {error}")
+            self.timeline.clear()
+            self.emit({"type": "state", "state": "listening"})
+
+    async def _reply(self, turn: Turn) -> None:
+        chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        writer = asyncio.create_task(self._write_reply(turn, chunks))
+        try:
+            await self._speak_chunks(turn, chunks)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+
+    async def _write_reply(self, turn: Turn, chunks: asyncio.Queue[str | None]) -> None:
+        chunker = SpeechChunker(self.settings.first_chunk_min_words)
+        history = list(self.history)
+        stream = iterate_in_thread(
+            lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set)
+        )
+        async for delta in stream:
+            turn.mark("first_token")
+            turn.reply += delta
+            self.emit({"type": "reply", "delta": delta, "final": False, "turn": turn.id})
+            for chunk in chunker.feed(delta):
+                chunks.put_nowait(chunk)
+        for chunk in chunker.flush():
+            chunks.put_nowait(chunk)
+        chunks.put_nowait(None)
+        reply = turn.reply.strip()
+        self._remember_reply(turn)
+        self.emit({"type": "reply", "text": reply, "final": True, "turn": turn.id})
+
+    async def _speak_chunks(self, turn: Turn, chunks: asyncio.Queue[str | None]) -> None:
+        first = True
+        while (text := await chunks.get()) is not None:
+            speech = iterate_in_thread(lambda cancelled, text=text: self.engines.tts.synthesize(text, self.voice))
+            async for chunk in speech:
+                turn.mark("first_tts_audio")
+                frames = await self._lipsync(self._push_speech, chunk)
+                first = self._enqueue(turn, frames, first)
+        frames = await self._lipsync(self._finish_segment)
+        if frames or not first:
+            frames = frames or []
+            self._enqueue(turn, frames, first, last=True)
+        else:
+            self.emit({"type": "state", "state": "listening"})
+
+    def _push_speech(self, chunk: SpeechChunk) -> list:
+        audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
+        self.lipsync.push_audio(audio, chunk.phonemes)
+        return self.lipsync.pull()
+
+    def _finish_segment(self) -> list:
+        self.lipsync.end_segment()
+        return self.lipsync.pull()
+
+    async def _lipsync(self, fn: Callable[..., list], *args: object) -> list:
+        return await asyncio.get_running_loop().run_in_executor(self.lipsync_executor, fn, *args)
+
+    def _enqueue(self, turn: Turn, frames: list, first: bool, last: bool = False) -> bool:
+        """Queue rendered frames for playback; returns whether the turn's first frame is still to come."""
+        if not frames and not last:
+            return first
+        queued = [QueuedFrame(frame, turn.id) for frame in frames]
+        if last and not queued:
+            # The final pull gave nothing new: the last frame already queued ends the turn.
+            self.timeline.mark_last(turn.id)
+            return False
+        if first:
+            turn.mark("first_lipsync_frame")
+            queued[0].first_of_turn = True
+        if last:
+            queued[-1].last_of_turn = True
+        self.timeline.enqueue(queued)
+        return False
+
+    # --- playback and interruption ------------------------------------------
+
+    def _on_playback(self, event: PlaybackEvent) -> None:
+        turn = self._turn
+        if turn is None or turn.id != event.turn:
+            return
+        if event.kind == "started":
+            turn.marks.setdefault("first_audio_sent", event.at)
+            self.emit({"type": "state", "state": "speaking"})
+            latencies = turn.latencies_ms()
+            for stage, ms in latencies.items():
+                self.metrics.stage_latency.labels(stage).observe(ms / 1000)
+            self.emit({"type": "metrics", "turn": turn.id, "latency_ms": latencies})
+        else:
+            self.metrics.turns.labels("completed").inc()
+            self.emit({"type": "state", "state": "listening"})
+
+    def interrupt(self, reason: str, user_started: float | None = None) -> None:
+        """Stop the avatar now: cancel the turn's tasks and drop every queued frame and sample."""
+        task, self._turn_task = self._turn_task, None
+        was_speaking = self.timeline.speaking
+        if task is None and not was_speaking:
+            return
+        if task is not None:
+            task.cancel()
+        self.timeline.clear()
+        self.lipsync_executor.submit(self.lipsync.clear)
+        turn = self._turn
+        if turn is not None:
+            self.metrics.turns.labels("interrupted").inc()
+            self._remember_reply(turn)
+            self.emit({"type": "reply", "text": turn.reply.strip(), "final": True, "interrupted": True, "turn": turn.id})
+        if was_speaking and user_started is not None:
+            stopped_after = time.monotonic() - user_started
+            self.metrics.barge_in.observe(stopped_after)
+            self.emit({"type": "interrupted", "reason": reason, "stopped_after_ms": round(stopped_after * 1000, 1)})
+        else:
+            self.emit({"type": "interrupted", "reason": reason})
+        self.emit({"type": "state", "state": "listening"})
+
+    def _remember_reply(self, turn: Turn) -> None:
+        if turn.reply.strip() and not turn.reply_in_history:
+            turn.reply_in_history = True
+            self.history.append(ChatMessage("assistant", turn.reply.strip()))
+
+    def pending_work(self) -> dict[str, int]:
+        """What the current turn still holds: used by tests to prove a barge-in cleared everything."""
+        return {
+            "turn_task": int(self._turn_task is not None and not self._turn_task.done()),
+            "queued_frames": self.timeline.queued_frames,
+        }
+
+    def report_error(self, code: str, message: str) -> None:
+        self.metrics.errors.labels(code).inc()
+        self.emit({"type": "error", "code": code, "message": message})
+
+    def close(self) -> None:
+        self._cancel_partials()
+        if self._turn_task is not None:
+            self._turn_task.cancel()
+            self._turn_task = None
+        self.timeline.clear()

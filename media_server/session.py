@@ -1,0 +1,173 @@
+"""A session: one peer connection, its `events` data channel, its conversation and its output timeline."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+
+from engines.avatar import Avatar
+from engines.base import EngineSet, Persona
+from media_server.av_output import AVTimeline
+from media_server.config import Settings
+from media_server.metrics import ServerMetrics
+from media_server.pipeline import Conversation
+
+log = logging.getLogger(__name__)
+MAX_TEXT_CHARS = 2000
+WATCHDOG_PERIOD_S = 1.0
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engines: EngineSet,
+        metrics: ServerMetrics,
+        avatar: Avatar,
+        persona: Persona,
+        voice: str,
+        on_closed: Callable[[Session], None],
+    ) -> None:
+        self.id = uuid.uuid4().hex
+        self.settings = settings
+        self.metrics = metrics
+        self.avatar = avatar
+        self.persona = persona
+        self.voice = voice
+        self._on_closed = on_closed
+        self.closed = False
+        self.channel: RTCDataChannel | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._has_microphone = False
+        self.created = time.monotonic()
+        ice = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers]
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice or None))
+        # One thread per session for lip-sync, so its stream object is only ever touched by one thread.
+        self._lipsync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lipsync-{self.id[:6]}")
+        lipsync = engines.lipsync.open_stream(avatar, settings.media.fps, settings.media.sample_rate)
+        self.timeline = AVTimeline(lipsync, self._lipsync_executor, settings.media.fps, settings.media.sample_rate)
+        self.conversation = Conversation(
+            engines=engines,
+            turn_settings=settings.turn,
+            persona=persona,
+            voice=voice,
+            lipsync=lipsync,
+            lipsync_executor=self._lipsync_executor,
+            timeline=self.timeline,
+            metrics=metrics,
+            emit=self.send_event,
+        )
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    async def accept(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        """Answer the client's offer, sending the avatar's audio and video on the kinds it offered."""
+        await self.pc.setRemoteDescription(offer)
+        offered = {transceiver.kind for transceiver in self.pc.getTransceivers()}
+        if "audio" in offered:
+            self.pc.addTrack(self.timeline.audio)
+        if "video" in offered:
+            self.pc.addTrack(self.timeline.video)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self._spawn(self.timeline.run())
+        self._spawn(self._watchdog())
+        return self.pc.localDescription
+
+    def _spawn(self, coroutine: object) -> None:
+        task = asyncio.ensure_future(coroutine)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and not self._has_microphone:
+            self._has_microphone = True
+            self._spawn(self.conversation.consume_microphone(track))
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != "events":
+            return
+        self.channel = channel
+        channel.on("message", self._on_message)
+        self.send_event(
+            {
+                "type": "session",
+                "session_id": self.id,
+                "avatar": self.avatar.name,
+                "persona": self.persona.name,
+                "voice": self.voice,
+            }
+        )
+        self.send_event({"type": "state", "state": "listening"})
+
+    def _on_message(self, message: str | bytes) -> None:
+        self.conversation.last_client_activity = time.monotonic()
+        try:
+            event = json.loads(message)
+            kind = event["type"]
+        except (ValueError, TypeError, KeyError):
+            self.conversation.report_error("bad_message", 'messages must be JSON objects with a "type"')
+            return
+        if kind == "text":
+            text = event.get("text")
+            if not isinstance(text, str) or not text.strip():
+                self.conversation.report_error("bad_message", '"text" needs a non-empty string "text"')
+            elif len(text) > MAX_TEXT_CHARS:
+                self.conversation.report_error("bad_message", f"text longer than {MAX_TEXT_CHARS} characters")
+            else:
+                self.conversation.submit_text(text.strip())
+        elif kind == "interrupt":
+            self.conversation.interrupt(reason="client")
+        elif kind == "ping":
+            self.send_event({"type": "pong"})
+        else:
+            self.conversation.report_error("bad_message", f"unknown message type {kind!r}; use text, interrupt or ping")
+
+    def send_event(self, event: dict[str, object]) -> None:
+        channel = self.channel
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(event))
+
+    async def _on_connection_state(self) -> None:
+        if self.pc.connectionState in ("failed", "closed"):
+            await self.close()
+
+    async def _watchdog(self) -> None:
+        """Close the session once its client is gone: never connected, or silent for too long."""
+        timeout = self.settings.server.client_timeout_s
+        while not self.closed:
+            await asyncio.sleep(WATCHDOG_PERIOD_S)
+            now = time.monotonic()
+            never_connected = self.pc.connectionState != "connected" and now - self.created > 2 * timeout
+            silent = self._has_microphone and now - self.conversation.last_client_activity > timeout
+            if never_connected or silent:
+                log.info("session %s: client gone, closing", self.id)
+                await self.close()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.conversation.close()
+        self.timeline.stop()
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        self.metrics.frames_sent.inc(self.timeline.frames_sent)
+        self.metrics.frames_dropped.inc(self.timeline.video.dropped + self.timeline.audio.dropped)
+        self.metrics.late_ticks.inc(self.timeline.late_ticks)
+        self._lipsync_executor.shutdown(wait=False, cancel_futures=True)
+        self._on_closed(self)

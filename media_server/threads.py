@@ -1,0 +1,52 @@
+"""Blocking engine iterators consumed from the event loop without blocking it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+_DONE = object()
+
+
+async def iterate_in_thread(make_iterator: Callable[[threading.Event], Iterator[T]]) -> AsyncIterator[T]:
+    """Run ``make_iterator(cancelled)`` in a worker thread and yield its items here as they come.
+
+    When the consumer stops early (a barge-in cancels its task), ``cancelled`` is set and the
+    iterator is closed in its own thread after its current item, so model work stops promptly.
+    """
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[object] = asyncio.Queue()
+    cancelled = threading.Event()
+
+    def produce() -> None:
+        iterator = make_iterator(cancelled)
+        try:
+            for item in iterator:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+                if cancelled.is_set():
+                    break
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            loop.call_soon_threadsafe(items.put_nowait, error)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(items.put_nowait, _DONE)
+
+    worker = loop.run_in_executor(None, produce)
+    try:
+        while True:
+            item = await items.get()
+            if item is _DONE:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        cancelled.set()
+        if not worker.done():
+            worker.add_done_callback(lambda _: None)

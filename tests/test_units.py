@@ -1,0 +1,88 @@
+"""The pure parts of the pipeline: configuration, turn policy, text chunking."""
+
+from __future__ import annotations
+
+import pytest
+
+from media_server.chunker import SpeechChunker
+from media_server.config import ConfigError, TurnSettings, load_settings
+from media_server.turn_policy import TurnEventKind, TurnPolicy
+
+WINDOW = 0.032
+
+
+def test_defaults_load_and_every_source_overrides(tmp_path):
+    user_file = tmp_path / "facecast.toml"
+    user_file.write_text('[server]\nport = 9000\nmax_sessions = 7\n[media]\nfps = 30\n')
+    settings = load_settings(user_file, {"server.max_sessions": "9"}, environ={"FACECAST__MEDIA__FPS": "20"})
+    assert settings.server.port == 9000
+    assert settings.server.max_sessions == 9
+    assert settings.media.fps == 20
+    assert settings.asr.engine == "faster-whisper" and settings.asr.options["language"] == "en"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"server.port": "70000"}, "server.port"),
+        ({"media.fps": "7"}, "multiple of fps"),
+        ({"server.default_persona": "nobody"}, "default_persona"),
+        ({"server.colour": "blue"}, "server.colour"),
+    ],
+)
+def test_bad_settings_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(None, overrides, environ={})
+
+
+def _feed(policy: TurnPolicy, pattern: list[tuple[float, int]], avatar_speaking: bool = False):
+    events, t = [], 0.0
+    for probability, windows in pattern:
+        for _ in range(windows):
+            events += [(e.kind, round(e.at, 3)) for e in policy.on_window(probability, t, avatar_speaking)]
+            t += WINDOW
+    return events
+
+
+def test_policy_finds_start_and_end_of_speech():
+    policy = TurnPolicy(TurnSettings(min_speech_ms=100, min_silence_ms=300), WINDOW)
+    events = _feed(policy, [(0.0, 10), (0.9, 30), (0.0, 15)])
+    assert [kind for kind, _ in events] == [TurnEventKind.USER_STARTED, TurnEventKind.USER_ENDED]
+    assert events[0][1] == pytest.approx(10 * WINDOW)
+    assert events[1][1] == pytest.approx(40 * WINDOW)
+
+
+def test_policy_ignores_blips_shorter_than_min_speech_and_short_pauses():
+    policy = TurnPolicy(TurnSettings(min_speech_ms=150, min_silence_ms=400), WINDOW)
+    assert _feed(policy, [(0.9, 2), (0.0, 10)]) == []
+    events = _feed(policy, [(0.9, 20), (0.1, 5), (0.9, 20), (0.0, 20)])
+    assert [kind for kind, _ in events] == [TurnEventKind.USER_STARTED, TurnEventKind.USER_ENDED]
+
+
+def test_policy_interrupts_a_speaking_avatar_once():
+    policy = TurnPolicy(TurnSettings(min_speech_ms=300, min_interruption_ms=100), WINDOW)
+    events = _feed(policy, [(0.9, 20)], avatar_speaking=True)
+    kinds = [kind for kind, _ in events]
+    assert kinds == [TurnEventKind.INTERRUPT, TurnEventKind.USER_STARTED]
+
+
+def test_policy_caps_utterance_length():
+    policy = TurnPolicy(TurnSettings(max_utterance_s=2.0), WINDOW)
+    events = _feed(policy, [(0.9, 100)])
+    assert TurnEventKind.USER_ENDED in [kind for kind, _ in events]
+
+
+def test_chunker_sends_first_clause_early_then_sentences():
+    chunker = SpeechChunker(first_chunk_min_words=3)
+    out = []
+    for delta in ["Well, ", "the capital", " of France,", " as you know,", " is Paris.", " It is big", "! "]:
+        out += chunker.feed(delta)
+    out += chunker.flush()
+    assert out == ["Well, the capital of France,", "as you know, is Paris.", "It is big!"]
+
+
+def test_chunker_flushes_text_without_punctuation_and_skips_empty():
+    chunker = SpeechChunker()
+    assert chunker.feed("Hello there") == []
+    assert chunker.flush() == ["Hello there"]
+    assert SpeechChunker().flush() == []
