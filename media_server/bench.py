@@ -1,0 +1,194 @@
+"""``facecast bench turn``: talk to a real server over real WebRTC and report where the time goes.
+
+The server runs as its own process (``facecast serve``), as in production, so its memory and CPU
+can be read from /proc. Questions are synthesised here with two different voices and speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from engines.base import TTSEngine
+from engines.registry import create_engine
+from media_server.config import Settings
+from media_server.loopback_client import LoopbackClient
+from media_server.speech_corpus import QUESTIONS, espeak, word_error_rate
+
+STAGES = ("transcript", "first_token", "first_tts_audio", "first_lipsync_frame", "first_audio_sent")
+IDLE_SESSIONS = 3
+IDLE_MEASURE_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.port = _free_port()
+        command = [sys.executable, "-m", "media_server"]
+        if args.config:
+            command += ["--config", str(args.config)]
+        for pair in args.set:
+            command += ["--set", pair]
+        command += ["--set", f"server.max_sessions={IDLE_SESSIONS + 2}", "serve", "--port", str(self.port)]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()[-2000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/healthz", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError("server did not start")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def _voices(tts: TTSEngine, n: int) -> list[tuple[str, str, np.ndarray, int]]:
+    """(question, voice label, audio, rate): alternating the project's Piper voice and espeak-ng at two speeds."""
+    clips = []
+    for i in range(n):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        if i % 2 == 0:
+            chunks = list(tts.synthesize(question, tts.default_voice))
+            audio, rate, label = np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate, "piper-joe"
+        else:
+            speed = 140 if i % 4 == 1 else 185
+            audio, rate = espeak(question, "en-us" if i % 4 == 1 else "en-gb", speed)
+            label = f"espeak-{speed}wpm"
+        clips.append((question, label, audio, rate))
+    return clips
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"p50": round(statistics.median(ordered), 1), "p95": round(p95, 1), "n": len(ordered)}
+
+
+async def _ask(client: LoopbackClient, question: str, audio: np.ndarray, rate: int) -> dict[str, object]:
+    start = time.monotonic()
+    client.microphone.say(audio, rate)
+    transcript = await client.wait_for(lambda e: e.get("type") == "transcript" and e.get("final"), 60, start)
+    metrics = await client.wait_for(lambda e: e.get("type") == "metrics", 60, start)
+    await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", 90, start)
+    speech_end = client.microphone.clip_ended[-1]
+    heard = client.recording.first_loud_audio_after(speech_end)
+    await asyncio.sleep(0.5)
+    return {
+        "question": question,
+        "transcript": transcript["text"],
+        "wer": word_error_rate(question, transcript["text"]),
+        "server_ms": metrics["latency_ms"],
+        "client_end_of_speech_to_audio_ms": round((heard - speech_end) * 1000, 1) if heard else None,
+    }
+
+
+async def _idle_cost(server: ServerProcess) -> dict[str, float]:
+    await asyncio.sleep(2)
+    rss_before, cpu_before = server.rss_mb(), server.cpu_seconds()
+    await asyncio.sleep(IDLE_MEASURE_S)
+    baseline_cpu = (server.cpu_seconds() - cpu_before) / IDLE_MEASURE_S
+    clients = [LoopbackClient(server.url, keep_video=False) for _ in range(IDLE_SESSIONS)]
+    for client in clients:
+        await client.connect()
+    await asyncio.sleep(3)
+    rss_after, cpu_start = server.rss_mb(), server.cpu_seconds()
+    await asyncio.sleep(IDLE_MEASURE_S)
+    idle_cpu = (server.cpu_seconds() - cpu_start) / IDLE_MEASURE_S
+    for client in clients:
+        await client.close()
+    return {
+        "server_rss_mb": round(rss_before, 1),
+        "rss_per_idle_session_mb": round((rss_after - rss_before) / IDLE_SESSIONS, 1),
+        "cpu_per_idle_session_pct_of_core": round(100 * (idle_cpu - baseline_cpu) / IDLE_SESSIONS, 2),
+    }
+
+
+async def _run_turns(server: ServerProcess, clips: list) -> list[dict[str, object]]:
+    client = LoopbackClient(server.url, keep_video=False)
+    await client.connect()
+    await asyncio.sleep(1.0)
+    results = []
+    try:
+        for question, label, audio, rate in clips:
+            result = await _ask(client, question, audio, rate)
+            result["voice"] = label
+            results.append(result)
+            print(f"  {label:>16}  {result['server_ms'].get('first_audio_sent', float('nan')):7.0f} ms  {result['transcript']}", file=sys.stderr)
+    finally:
+        await client.close()
+    return results
+
+
+def summarise(turns: list[dict[str, object]], idle: dict[str, float]) -> dict[str, object]:
+    stages = {stage: _percentiles([t["server_ms"][stage] for t in turns if stage in t["server_ms"]]) for stage in STAGES}
+    client_side = [t["client_end_of_speech_to_audio_ms"] for t in turns if t["client_end_of_speech_to_audio_ms"]]
+    return {
+        "turns": len(turns),
+        "stages_from_end_of_speech_ms": stages,
+        "client_end_of_speech_to_first_audio_ms": _percentiles(client_side),
+        "mean_wer": round(statistics.mean(t["wer"] for t in turns), 3),
+        **idle,
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+    }
+
+
+def main(args: argparse.Namespace, settings: Settings) -> None:
+    tts = create_engine("tts", settings.tts.engine, settings.tts.options)
+    try:
+        clips = _voices(tts, args.n)
+    finally:
+        tts.close()
+    server = ServerProcess(args)
+    try:
+        server.wait_ready()
+        idle = asyncio.run(_idle_cost(server))
+        turns = asyncio.run(_run_turns(server, clips))
+    finally:
+        server.stop()
+    summary = summarise(turns, idle)
+    if args.json:
+        print(json.dumps({"summary": summary, "turns": turns}))
+        return
+    print(f"{'stage (from end of user speech)':<34}{'p50 ms':>10}{'p95 ms':>10}")
+    for stage, values in summary["stages_from_end_of_speech_ms"].items():
+        print(f"{stage:<34}{values.get('p50', float('nan')):>10}{values.get('p95', float('nan')):>10}")
+    client_side = summary["client_end_of_speech_to_first_audio_ms"]
+    print(f"{'first audio heard by the client':<34}{client_side.get('p50', float('nan')):>10}{client_side.get('p95', float('nan')):>10}")
+    for key in ("turns", "mean_wer", "server_rss_mb", "rss_per_idle_session_mb", "cpu_per_idle_session_pct_of_core"):
+        print(f"{key}: {summary[key]}")

@@ -1,0 +1,69 @@
+"""Speech for tests and benchmarks, made on the spot: questions, espeak-ng voices, word error rate.
+
+Nothing recorded is committed; every clip is synthesised when it is needed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import wave
+
+import numpy as np
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What color is the sky on a clear day?",
+    "Who wrote Romeo and Juliet?",
+    "What is the largest planet in our solar system?",
+    "How many days are there in a week?",
+    "What do bees make?",
+    "What is the boiling point of water?",
+    "Which animal is known as the king of the jungle?",
+    "What is the opposite of hot?",
+    "How many minutes are in an hour?",
+    "What is the capital of Japan?",
+    "What language do people speak in Spain?",
+    "Which ocean is the biggest?",
+    "What do cows drink?",
+    "How many wheels does a bicycle have?",
+    "What is the tallest mountain in the world?",
+    "Can you recommend a good book?",
+    "What is your favorite season?",
+    "Where does the sun rise?",
+    "What is two plus three?",
+    "Why do leaves change color in autumn?",
+)
+
+
+def espeak(text: str, voice: str = "en-us", words_per_minute: int = 160) -> tuple[np.ndarray, int]:
+    """``text`` spoken by Debian's espeak-ng, as float32 mono and its sample rate."""
+    wav_bytes = subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(words_per_minute), "--stdout", text],
+        check=True,
+        capture_output=True,
+    ).stdout
+    with wave.open(io.BytesIO(wav_bytes)) as reader:
+        rate = reader.getframerate()
+        pcm = np.frombuffer(reader.readframes(reader.getnframes()), dtype=np.int16)
+    return pcm.astype(np.float32) / 32768.0, rate
+
+
+def normalized_words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words; case and punctuation do not count."""
+    ref, hyp = normalized_words(reference), normalized_words(hypothesis)
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    previous = list(range(len(hyp) + 1))
+    for i, ref_word in enumerate(ref, start=1):
+        current = [i]
+        for j, hyp_word in enumerate(hyp, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
+        previous = current
+    return previous[-1] / len(ref)

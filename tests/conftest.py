@@ -1,0 +1,62 @@
+"""A real Facecast server (real models, real HTTP, real WebRTC on loopback), loaded once per test run."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from media_server.app import SESSIONS, create_app
+from media_server.config import load_settings
+from media_server.loopback_client import LoopbackClient
+from media_server.runtime import Runtime
+
+MAX_TEST_SESSIONS = 3
+
+
+@pytest.fixture(scope="session")
+def runtime() -> Runtime:
+    settings = load_settings(None, {"server.max_sessions": str(MAX_TEST_SESSIONS), "server.client_timeout_s": "4"}, environ={})
+    loaded = Runtime.load(settings)
+    yield loaded
+    loaded.engines.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def server_app(runtime: Runtime) -> AsyncIterator[web.Application]:
+    app = create_app(runtime)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    app["base_url"] = f"http://127.0.0.1:{port}"
+    yield app
+    await runner.cleanup()
+
+
+@pytest.fixture
+def base_url(server_app: web.Application) -> str:
+    return server_app["base_url"]
+
+
+@pytest_asyncio.fixture
+async def client_factory(server_app: web.Application) -> AsyncIterator:
+    """Connect real aiortc peers; every one is closed and its server session gone after the test."""
+    clients: list[LoopbackClient] = []
+
+    async def connect(**choices: str) -> LoopbackClient:
+        client = LoopbackClient(server_app["base_url"])
+        clients.append(client)
+        await client.connect(**choices)
+        return client
+
+    yield connect
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await client.close()
+    for session in list(server_app[SESSIONS].values()):
+        await session.close()
