@@ -30,8 +30,9 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
     """Every failure becomes a JSON body with a status; no stack trace ever reaches a client."""
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge as error:
-        return json_error(413, "too_large", f"request body over the limit of {error.max_size} bytes")
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[RUNTIME].settings.server.max_body_bytes
+        return json_error(413, "too_large", f"request body over the limit of {limit} bytes")
     except web.HTTPException as error:
         if error.status < 400:
             raise

@@ -14,7 +14,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.sessions = Gauge("facecast_sessions", "Sessions open now", registry=self.registry)
-        self.sessions_total = Counter("facecast_sessions", "Sessions opened", registry=self.registry)
+        self.sessions_total = Counter("facecast_sessions_opened", "Sessions opened", registry=self.registry)
         self.turns = Counter("facecast_turns", "Turns answered", ["outcome"], registry=self.registry)
         self.stage_latency = Histogram(
             "facecast_stage_latency_seconds",

@@ -6,7 +6,6 @@ every stage's task and queue, then clears what the timeline and the lip-sync str
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -46,6 +45,11 @@ class Turn:
 
     def latencies_ms(self) -> dict[str, float]:
         return {stage: round((self.marks[stage] - self.started) * 1000, 1) for stage in STAGES if stage in self.marks}
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 class Conversation:
@@ -191,14 +195,14 @@ class Conversation:
             self.emit({"type": "state", "state": "listening"})
 
     async def _reply(self, turn: Turn) -> None:
+        """The LLM writes while TTS and lip-sync speak; a failure in either stops both."""
         chunks: asyncio.Queue[str | None] = asyncio.Queue()
-        writer = asyncio.create_task(self._write_reply(turn, chunks))
         try:
-            await self._speak_chunks(turn, chunks)
-        finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            async with asyncio.TaskGroup() as stages:
+                stages.create_task(self._write_reply(turn, chunks))
+                stages.create_task(self._speak_chunks(turn, chunks))
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
 
     async def _write_reply(self, turn: Turn, chunks: asyncio.Queue[str | None]) -> None:
         chunker = SpeechChunker(self.settings.first_chunk_min_words)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 
 import pytest
@@ -25,31 +26,41 @@ def runtime() -> Runtime:
     loaded.engines.close()
 
 
+@dataclass
+class LiveServer:
+    app: web.Application
+    base_url: str
+
+
 @pytest_asyncio.fixture(scope="session")
-async def server_app(runtime: Runtime) -> AsyncIterator[web.Application]:
+async def live_server(runtime: Runtime) -> AsyncIterator[LiveServer]:
     app = create_app(runtime)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
-    app["base_url"] = f"http://127.0.0.1:{port}"
-    yield app
+    yield LiveServer(app, f"http://127.0.0.1:{port}")
     await runner.cleanup()
 
 
 @pytest.fixture
-def base_url(server_app: web.Application) -> str:
-    return server_app["base_url"]
+def server_app(live_server: LiveServer) -> web.Application:
+    return live_server.app
+
+
+@pytest.fixture
+def base_url(live_server: LiveServer) -> str:
+    return live_server.base_url
 
 
 @pytest_asyncio.fixture
-async def client_factory(server_app: web.Application) -> AsyncIterator:
+async def client_factory(live_server: LiveServer) -> AsyncIterator:
     """Connect real aiortc peers; every one is closed and its server session gone after the test."""
     clients: list[LoopbackClient] = []
 
     async def connect(**choices: str) -> LoopbackClient:
-        client = LoopbackClient(server_app["base_url"])
+        client = LoopbackClient(live_server.base_url)
         clients.append(client)
         await client.connect(**choices)
         return client
@@ -58,5 +69,5 @@ async def client_factory(server_app: web.Application) -> AsyncIterator:
     for client in clients:
         with contextlib.suppress(Exception):
             await client.close()
-    for session in list(server_app[SESSIONS].values()):
+    for session in list(live_server.app[SESSIONS].values()):
         await session.close()
