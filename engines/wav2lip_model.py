@@ -128,11 +128,19 @@ class Wav2LipGenerator(nn.Module):
         self.output_block = nn.Sequential(Conv2d(80, 32, 3, 1, 1), nn.Conv2d(32, 3, 1, 1, 0), nn.Sigmoid())
 
     def forward(self, audio_sequences: torch.Tensor, face_sequences: torch.Tensor) -> torch.Tensor:
+        return self.decode(audio_sequences, self.encode_faces(face_sequences))
+
+    def encode_faces(self, face_sequences: torch.Tensor) -> list[torch.Tensor]:
+        """The face encoder's outputs (the decoder's skip connections): computed once per avatar frame."""
         skips: list[torch.Tensor] = []
         x = face_sequences
         for block in self.face_encoder_blocks:
             x = block(x)
             skips.append(x)
+        return skips
+
+    def decode(self, audio_sequences: torch.Tensor, face_features: list[torch.Tensor]) -> torch.Tensor:
+        skips = list(face_features)
         x = self.audio_encoder(audio_sequences)
         for block in self.face_decoder_blocks:
             x = torch.cat((block(x), skips.pop()), dim=1)
