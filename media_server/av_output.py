@@ -86,6 +86,7 @@ class AVTimeline:
         self._speech: deque[QueuedFrame] = deque()
         self._silence = np.zeros(self.samples_per_frame, dtype=np.float32)
         self._playing_turn: int | None = None
+        self.paused = False
         self._pending_pcm = np.zeros(0, dtype=np.int16)  # audio not yet a whole 20 ms packet
         self._audio_samples_sent = 0
 
@@ -108,11 +109,18 @@ class AVTimeline:
             self._playing_turn = None
             self.on_playback(PlaybackEvent("finished", turn, time.monotonic()))
 
-    def clear(self) -> int | None:
-        """Barge-in: drop every queued speech frame; returns the turn that was playing, if any."""
+    def clear(self) -> None:
+        """Barge-in: drop every queued speech frame."""
         self._speech.clear()
-        turn, self._playing_turn = self._playing_turn, None
-        return turn
+        self._playing_turn = None
+        self.paused = False
+
+    def pause(self) -> None:
+        """Hold speech where it is (idle frames and silence play meanwhile) until resume() or clear()."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
 
     @property
     def speaking(self) -> bool:
@@ -133,7 +141,7 @@ class AVTimeline:
             self.tick += 1
 
     async def _play_tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._speech:
+        if self._speech and not self.paused:
             queued = self._speech.popleft()
             picture, audio = queued.frame.video, queued.frame.audio
         else:

@@ -58,16 +58,28 @@ class MediaSettings(Strict):
 
 
 class TurnSettings(Strict):
-    """Turn-taking policy: when the user has started, finished, or interrupted."""
+    """Turn-taking policy: when the user has started, paused, finished, or interrupted (see turn_policy.py)."""
 
     vad_threshold: float = Field(0.5, gt=0, lt=1)
     min_speech_ms: int = Field(150, ge=0)
     min_silence_ms: int = Field(500, ge=50)
-    min_interruption_ms: int = Field(150, ge=0)
+    speculative_silence_ms: int = Field(160, ge=0)  # 0 turns speculative replies off
+    pause_avatar_after_ms: int = Field(64, ge=0)
+    min_interruption_ms: int = Field(320, ge=0)
+    false_interruption_timeout_ms: int = Field(400, ge=0)
     pre_roll_ms: int = Field(300, ge=0)
     partial_interval_ms: int = Field(800, ge=100)
     max_utterance_s: float = Field(20.0, gt=1)
     first_chunk_min_words: int = Field(4, ge=1)
+    max_history_messages: int = Field(200, ge=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TurnSettings:
+        if self.speculative_silence_ms and self.speculative_silence_ms >= self.min_silence_ms:
+            raise ValueError("speculative_silence_ms must be shorter than min_silence_ms (or 0 to turn it off)")
+        if self.pause_avatar_after_ms > self.min_interruption_ms:
+            raise ValueError("pause_avatar_after_ms must not be longer than min_interruption_ms")
+        return self
 
 
 class StageSettings(BaseModel):

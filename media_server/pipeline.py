@@ -39,6 +39,11 @@ class Turn:
     marks: dict[str, float] = field(default_factory=dict)
     reply: str = ""
     reply_in_history: bool = False
+    question: ChatMessage | None = None  # until it is in the history
+    # A speculative turn (prepared during a short pause) shows nothing until the pause is confirmed.
+    confirmed: bool = True
+    held_events: list[dict[str, object]] = field(default_factory=list)
+    held_frames: list[QueuedFrame] = field(default_factory=list)
 
     def mark(self, stage: str) -> None:
         self.marks.setdefault(stage, time.monotonic())
@@ -88,7 +93,8 @@ class Conversation:
         self._turn: Turn | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
-        self._speech_started_wall: float | None = None
+        self._avatar_paused_at: float | None = None
+        self.speculative_dropped = 0
         timeline.on_playback = self._on_playback
 
     # --- microphone ----------------------------------------------------------
@@ -116,7 +122,9 @@ class Conversation:
             self._utterance.append(window)
         else:
             self._pre_roll.append(window)
-        avatar_busy = self._turn_task is not None or self.timeline.speaking
+        turn = self._turn
+        replying = self._turn_task is not None and turn is not None and turn.confirmed
+        avatar_busy = replying or self.timeline.speaking
         for event in self._policy.on_window(probability, window_start, avatar_busy):
             self._on_turn_event(event)
 
@@ -125,24 +133,64 @@ class Conversation:
         return time.monotonic() - (self._audio_time - audio_time)
 
     def _on_turn_event(self, event: TurnEvent) -> None:
-        if event.kind is TurnEventKind.INTERRUPT:
+        kind = event.kind
+        if kind is TurnEventKind.AVATAR_PAUSE:
+            self.timeline.pause()
+            self._avatar_paused_at = time.monotonic()
+        elif kind is TurnEventKind.AVATAR_RESUME:
+            self.timeline.resume()
+            self._avatar_paused_at = None
+            self.emit({"type": "resumed"})
+        elif kind is TurnEventKind.INTERRUPT:
             self.interrupt(reason="barge-in", user_started=self._wall_time_of(event.at))
-        elif event.kind is TurnEventKind.USER_STARTED:
-            self.interrupt(reason="barge-in", user_started=self._wall_time_of(event.at))
+        elif kind is TurnEventKind.USER_STARTED:
             self._utterance = list(self._pre_roll)
             self._pre_roll.clear()
             self._partial_task = asyncio.create_task(self._partial_transcripts())
-        elif event.kind is TurnEventKind.USER_ENDED:
+        elif kind is TurnEventKind.USER_PAUSED:
+            self._start_turn(self._wall_time_of(event.at), audio=np.concatenate(self._utterance), confirmed=False)
+        elif kind is TurnEventKind.USER_RESUMED:
+            self._drop_speculative_turn()
+        elif kind is TurnEventKind.USER_ENDED:
             self._cancel_partials()
-            audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
+            turn = self._turn
+            if self._turn_task is not None and turn is not None and not turn.confirmed:
+                self._confirm(turn)
+            else:
+                audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
+                self._start_turn(self._wall_time_of(event.at), audio=audio)
             self._utterance = []
-            self._start_turn(self._wall_time_of(event.at), audio=audio)
+
+    def _drop_speculative_turn(self) -> None:
+        """The user went on talking: the reply prepared during their pause was never shown; discard it."""
+        turn = self._turn
+        if turn is not None and not turn.confirmed and self._turn_task is not None:
+            self._turn_task.cancel()
+            self._turn_task = None
+            self._turn = None
+            self.lipsync_executor.submit(self.lipsync.clear)
+            self.speculative_dropped += 1
+
+    def _confirm(self, turn: Turn) -> None:
+        turn.confirmed = True
+        for event in turn.held_events:
+            self.emit(event)
+        if turn.held_frames:
+            self.timeline.enqueue(turn.held_frames)
+        turn.held_events, turn.held_frames = [], []
+
+    def _emit_for(self, turn: Turn, event: dict[str, object]) -> None:
+        if turn.confirmed:
+            self.emit(event)
+        else:
+            turn.held_events.append(event)
 
     async def _partial_transcripts(self) -> None:
         interval = self.settings.partial_interval_ms / 1000
         while True:
             await asyncio.sleep(interval)
-            if len(self._utterance) * self._window_s < MIN_PARTIAL_SECONDS:
+            speculating = self._turn is not None and not self._turn.confirmed and self._turn_task is not None
+            if speculating or len(self._utterance) * self._window_s < MIN_PARTIAL_SECONDS:
                 continue
             audio = np.concatenate(self._utterance)
             transcript = await asyncio.to_thread(self.engines.asr.transcribe, audio, partial=True)
@@ -162,9 +210,13 @@ class Conversation:
         self.emit({"type": "transcript", "text": text, "final": True, "typed": True})
         self._start_turn(time.monotonic(), text=text)
 
-    def _start_turn(self, started: float, *, audio: np.ndarray | None = None, text: str | None = None) -> None:
+    def _start_turn(
+        self, started: float, *, audio: np.ndarray | None = None, text: str | None = None, confirmed: bool = True
+    ) -> None:
+        if self._turn_task is not None:
+            self._turn_task.cancel()
         self._turn_ids += 1
-        turn = Turn(self._turn_ids, started)
+        turn = Turn(self._turn_ids, started, confirmed=confirmed)
         self._turn = turn
         self._turn_task = asyncio.create_task(self._run_turn(turn, audio, text))
         self._turn_task.add_done_callback(self._turn_task_done)
@@ -175,17 +227,17 @@ class Conversation:
 
     async def _run_turn(self, turn: Turn, audio: np.ndarray | None, text: str | None) -> None:
         try:
-            self.emit({"type": "state", "state": "thinking"})
+            self._emit_for(turn, {"type": "state", "state": "thinking"})
             if audio is not None:
                 transcript = await asyncio.to_thread(self.engines.asr.transcribe, audio)
                 turn.mark("transcript")
                 text = transcript.text
-                self.emit({"type": "transcript", "text": text, "final": True, "turn": turn.id})
+                self._emit_for(turn, {"type": "transcript", "text": text, "final": True, "turn": turn.id})
             if not text:
-                self.emit({"type": "state", "state": "listening"})
+                self._emit_for(turn, {"type": "state", "state": "listening"})
                 return
-            self.history.append(ChatMessage("user", text))
-            await self._reply(turn)
+            turn.question = ChatMessage("user", text)
+            await self._reply(turn, turn.question)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # one session's engine failure is reported to it and to nobody else
@@ -194,34 +246,35 @@ class Conversation:
             self.timeline.clear()
             self.emit({"type": "state", "state": "listening"})
 
-    async def _reply(self, turn: Turn) -> None:
+    async def _reply(self, turn: Turn, question: ChatMessage) -> None:
         """The LLM writes while TTS and lip-sync speak; a failure in either stops both."""
         chunks: asyncio.Queue[str | None] = asyncio.Queue()
         try:
             async with asyncio.TaskGroup() as stages:
-                stages.create_task(self._write_reply(turn, chunks))
+                stages.create_task(self._write_reply(turn, question, chunks))
                 stages.create_task(self._speak_chunks(turn, chunks))
         except BaseExceptionGroup as group:
             raise _first_leaf(group) from None
 
-    async def _write_reply(self, turn: Turn, chunks: asyncio.Queue[str | None]) -> None:
+    async def _write_reply(self, turn: Turn, question: ChatMessage, chunks: asyncio.Queue[str | None]) -> None:
         chunker = SpeechChunker(self.settings.first_chunk_min_words)
-        history = list(self.history)
+        history = [*self.history, question]
         stream = iterate_in_thread(
             lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set)
         )
         async for delta in stream:
             turn.mark("first_token")
             turn.reply += delta
-            self.emit({"type": "reply", "delta": delta, "final": False, "turn": turn.id})
+            self._emit_for(turn, {"type": "reply", "delta": delta, "final": False, "turn": turn.id})
             for chunk in chunker.feed(delta):
                 chunks.put_nowait(chunk)
         for chunk in chunker.flush():
             chunks.put_nowait(chunk)
         chunks.put_nowait(None)
         reply = turn.reply.strip()
-        self._remember_reply(turn)
-        self.emit({"type": "reply", "text": reply, "final": True, "turn": turn.id})
+        await self._wait_confirmed(turn)
+        self._remember_exchange(turn)
+        self._emit_for(turn, {"type": "reply", "text": reply, "final": True, "turn": turn.id})
 
     async def _speak_chunks(self, turn: Turn, chunks: asyncio.Queue[str | None]) -> None:
         first = True
@@ -233,10 +286,9 @@ class Conversation:
                 first = self._enqueue(turn, frames, first)
         frames = await self._lipsync(self._finish_segment)
         if frames or not first:
-            frames = frames or []
             self._enqueue(turn, frames, first, last=True)
         else:
-            self.emit({"type": "state", "state": "listening"})
+            self._emit_for(turn, {"type": "state", "state": "listening"})
 
     def _push_speech(self, chunk: SpeechChunk) -> list:
         audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
@@ -257,14 +309,20 @@ class Conversation:
         queued = [QueuedFrame(frame, turn.id) for frame in frames]
         if last and not queued:
             # The final pull gave nothing new: the last frame already queued ends the turn.
-            self.timeline.mark_last(turn.id)
+            if turn.held_frames:
+                turn.held_frames[-1].last_of_turn = True
+            else:
+                self.timeline.mark_last(turn.id)
             return False
         if first:
             turn.mark("first_lipsync_frame")
             queued[0].first_of_turn = True
         if last:
             queued[-1].last_of_turn = True
-        self.timeline.enqueue(queued)
+        if turn.confirmed:
+            self.timeline.enqueue(queued)
+        else:
+            turn.held_frames.extend(queued)
         return False
 
     # --- playback and interruption ------------------------------------------
@@ -292,25 +350,40 @@ class Conversation:
             return
         if task is not None:
             task.cancel()
+        # Audio stopped when the timeline paused on the first voiced windows, if it did.
+        stopped_at = self._avatar_paused_at or time.monotonic()
+        self._avatar_paused_at = None
         self.timeline.clear()
         self.lipsync_executor.submit(self.lipsync.clear)
         turn = self._turn
-        if turn is not None:
+        if turn is not None and turn.confirmed:
             self.metrics.turns.labels("interrupted").inc()
-            self._remember_reply(turn)
+            self._remember_exchange(turn)
             self.emit({"type": "reply", "text": turn.reply.strip(), "final": True, "interrupted": True, "turn": turn.id})
+        event: dict[str, object] = {"type": "interrupted", "reason": reason}
         if was_speaking and user_started is not None:
-            stopped_after = time.monotonic() - user_started
+            stopped_after = max(0.0, stopped_at - user_started)
             self.metrics.barge_in.observe(stopped_after)
-            self.emit({"type": "interrupted", "reason": reason, "stopped_after_ms": round(stopped_after * 1000, 1)})
-        else:
-            self.emit({"type": "interrupted", "reason": reason})
+            event["stopped_after_ms"] = round(stopped_after * 1000, 1)
+        self.emit(event)
         self.emit({"type": "state", "state": "listening"})
 
-    def _remember_reply(self, turn: Turn) -> None:
+    async def _wait_confirmed(self, turn: Turn) -> None:
+        while not turn.confirmed:
+            await asyncio.sleep(0.02)
+
+    def _remember_exchange(self, turn: Turn) -> None:
+        """Put the turn's question, and as much of the reply as was written, into the history (once)."""
+        if turn.question is not None:
+            self._remember(turn.question)
+            turn.question = None
         if turn.reply.strip() and not turn.reply_in_history:
             turn.reply_in_history = True
-            self.history.append(ChatMessage("assistant", turn.reply.strip()))
+            self._remember(ChatMessage("assistant", turn.reply.strip()))
+
+    def _remember(self, message: ChatMessage) -> None:
+        self.history.append(message)
+        del self.history[: -self.settings.max_history_messages]
 
     def pending_work(self) -> dict[str, int]:
         """What the current turn still holds: used by tests to prove a barge-in cleared everything."""

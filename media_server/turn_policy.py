@@ -1,5 +1,11 @@
-"""Turn-taking as an explicit policy: it sees speech probabilities and says when the user
-started, stopped, or interrupted the avatar. No audio, no models: testable on numbers alone.
+"""Turn-taking as an explicit policy: it sees speech probabilities and says when the user started,
+paused, resumed, finished, or interrupted the avatar. No audio, no models: testable on numbers alone.
+
+While the avatar is speaking, voice from the user first *pauses* the avatar (within a few windows),
+and only voice that lasts ``min_interruption_ms`` *interrupts* it; a shorter sound (a cough, a
+"hm") resumes the avatar where it paused, once ``false_interruption_timeout_ms`` of silence follows.
+A short silence marks the user as *paused*, so the reply can be prepared speculatively; it is
+confirmed once the silence reaches ``min_silence_ms``, or dropped if the user goes on talking.
 """
 
 from __future__ import annotations
@@ -16,14 +22,18 @@ HYSTERESIS = 0.15
 
 class TurnEventKind(Enum):
     USER_STARTED = "user_started"
+    USER_PAUSED = "user_paused"
+    USER_RESUMED = "user_resumed"
     USER_ENDED = "user_ended"
+    AVATAR_PAUSE = "avatar_pause"
+    AVATAR_RESUME = "avatar_resume"
     INTERRUPT = "interrupt"
 
 
 @dataclass(frozen=True)
 class TurnEvent:
     kind: TurnEventKind
-    at: float  # session audio time in seconds: start of speech, or end of the last voiced window
+    at: float  # session audio time (s): start of the voice, or end of the last voiced window
 
 
 class TurnPolicy:
@@ -34,24 +44,35 @@ class TurnPolicy:
         self._voiced_since: float | None = None
         self._last_voiced_end = 0.0
         self._started_at = 0.0
+        self._user_paused = False
+        self._avatar_paused = False
         self._interrupted = False
 
-    def on_window(self, probability: float, window_start: float, avatar_speaking: bool) -> list[TurnEvent]:
+    def on_window(self, probability: float, window_start: float, avatar_busy: bool) -> list[TurnEvent]:
         threshold = self.settings.vad_threshold - (HYSTERESIS if self.user_speaking else 0.0)
         if probability >= threshold:
-            return self._voiced(window_start, avatar_speaking)
+            return self._voiced(window_start, avatar_busy)
         return self._unvoiced(window_start)
 
-    def _voiced(self, window_start: float, avatar_speaking: bool) -> list[TurnEvent]:
+    def _voiced(self, window_start: float, avatar_busy: bool) -> list[TurnEvent]:
         events: list[TurnEvent] = []
         if self._voiced_since is None:
             self._voiced_since = window_start
         self._last_voiced_end = window_start + self.window_s
         voiced_ms = (self._last_voiced_end - self._voiced_since) * 1000
-        if avatar_speaking and not self._interrupted and voiced_ms >= self.settings.min_interruption_ms:
-            self._interrupted = True
-            events.append(TurnEvent(TurnEventKind.INTERRUPT, self._voiced_since))
-        if not self.user_speaking and voiced_ms >= self.settings.min_speech_ms:
+        if self._user_paused:
+            self._user_paused = False
+            events.append(TurnEvent(TurnEventKind.USER_RESUMED, window_start))
+        if avatar_busy and not self._interrupted:
+            if not self._avatar_paused and voiced_ms >= self.settings.pause_avatar_after_ms:
+                self._avatar_paused = True
+                events.append(TurnEvent(TurnEventKind.AVATAR_PAUSE, self._voiced_since))
+            if voiced_ms >= self.settings.min_interruption_ms:
+                self._interrupted = True
+                self._avatar_paused = False
+                events.append(TurnEvent(TurnEventKind.INTERRUPT, self._voiced_since))
+        needed_ms = self.settings.min_interruption_ms if avatar_busy else self.settings.min_speech_ms
+        if not self.user_speaking and voiced_ms >= needed_ms:
             self.user_speaking = True
             self._started_at = self._voiced_since
             events.append(TurnEvent(TurnEventKind.USER_STARTED, self._voiced_since))
@@ -60,16 +81,28 @@ class TurnPolicy:
         return events
 
     def _unvoiced(self, window_start: float) -> list[TurnEvent]:
+        silence_ms = (window_start + self.window_s - self._last_voiced_end) * 1000
         if not self.user_speaking:
             self._voiced_since = None
-            self._interrupted = False
+            if self._avatar_paused and silence_ms >= self.settings.false_interruption_timeout_ms:
+                self._avatar_paused = False
+                self._interrupted = False
+                return [TurnEvent(TurnEventKind.AVATAR_RESUME, self._last_voiced_end)]
+            if not self._avatar_paused:
+                self._interrupted = False
             return []
-        if (window_start + self.window_s - self._last_voiced_end) * 1000 >= self.settings.min_silence_ms:
+        if silence_ms >= self.settings.min_silence_ms:
             return [self._end()]
+        speculative_ms = self.settings.speculative_silence_ms
+        if speculative_ms and not self._user_paused and silence_ms >= speculative_ms:
+            self._user_paused = True
+            return [TurnEvent(TurnEventKind.USER_PAUSED, self._last_voiced_end)]
         return []
 
     def _end(self) -> TurnEvent:
         self.user_speaking = False
+        self._user_paused = False
         self._voiced_since = None
         self._interrupted = False
+        self._avatar_paused = False
         return TurnEvent(TurnEventKind.USER_ENDED, self._last_voiced_end)

@@ -35,41 +35,64 @@ def test_bad_settings_are_named(overrides, message):
         load_settings(None, overrides, environ={})
 
 
-def _feed(policy: TurnPolicy, pattern: list[tuple[float, int]], avatar_speaking: bool = False):
+def _feed(policy: TurnPolicy, pattern: list[tuple[float, int]], avatar_busy: bool = False):
     events, t = [], 0.0
     for probability, windows in pattern:
         for _ in range(windows):
-            events += [(e.kind, round(e.at, 3)) for e in policy.on_window(probability, t, avatar_speaking)]
+            events += [(e.kind, round(e.at, 3)) for e in policy.on_window(probability, t, avatar_busy)]
             t += WINDOW
     return events
 
 
+def kinds(events):
+    return [kind for kind, _ in events]
+
+
 def test_policy_finds_start_and_end_of_speech():
-    policy = TurnPolicy(TurnSettings(min_speech_ms=100, min_silence_ms=300), WINDOW)
+    policy = TurnPolicy(TurnSettings(min_speech_ms=100, min_silence_ms=300, speculative_silence_ms=0), WINDOW)
     events = _feed(policy, [(0.0, 10), (0.9, 30), (0.0, 15)])
-    assert [kind for kind, _ in events] == [TurnEventKind.USER_STARTED, TurnEventKind.USER_ENDED]
+    assert kinds(events) == [TurnEventKind.USER_STARTED, TurnEventKind.USER_ENDED]
     assert events[0][1] == pytest.approx(10 * WINDOW)
     assert events[1][1] == pytest.approx(40 * WINDOW)
 
 
 def test_policy_ignores_blips_shorter_than_min_speech_and_short_pauses():
-    policy = TurnPolicy(TurnSettings(min_speech_ms=150, min_silence_ms=400), WINDOW)
+    policy = TurnPolicy(TurnSettings(min_speech_ms=150, min_silence_ms=400, speculative_silence_ms=0), WINDOW)
     assert _feed(policy, [(0.9, 2), (0.0, 10)]) == []
     events = _feed(policy, [(0.9, 20), (0.1, 5), (0.9, 20), (0.0, 20)])
-    assert [kind for kind, _ in events] == [TurnEventKind.USER_STARTED, TurnEventKind.USER_ENDED]
+    assert kinds(events) == [TurnEventKind.USER_STARTED, TurnEventKind.USER_ENDED]
 
 
-def test_policy_interrupts_a_speaking_avatar_once():
-    policy = TurnPolicy(TurnSettings(min_speech_ms=300, min_interruption_ms=100), WINDOW)
-    events = _feed(policy, [(0.9, 20)], avatar_speaking=True)
-    kinds = [kind for kind, _ in events]
-    assert kinds == [TurnEventKind.INTERRUPT, TurnEventKind.USER_STARTED]
+def test_policy_marks_a_pause_for_speculation_then_resumes_or_ends():
+    policy = TurnPolicy(TurnSettings(min_silence_ms=500, speculative_silence_ms=160), WINDOW)
+    events = _feed(policy, [(0.9, 20), (0.0, 7), (0.9, 20), (0.0, 20)])
+    assert kinds(events) == [
+        TurnEventKind.USER_STARTED,
+        TurnEventKind.USER_PAUSED,
+        TurnEventKind.USER_RESUMED,
+        TurnEventKind.USER_PAUSED,
+        TurnEventKind.USER_ENDED,
+    ]
+
+
+def test_policy_pauses_then_interrupts_a_speaking_avatar_once():
+    policy = TurnPolicy(TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320), WINDOW)
+    events = _feed(policy, [(0.9, 20)], avatar_busy=True)
+    assert kinds(events) == [TurnEventKind.AVATAR_PAUSE, TurnEventKind.INTERRUPT, TurnEventKind.USER_STARTED]
+    pause_at = events[0][1]
+    assert pause_at == pytest.approx(0.0)
+
+
+def test_a_cough_pauses_the_avatar_and_it_resumes():
+    policy = TurnPolicy(TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW)
+    events = _feed(policy, [(0.9, 5), (0.0, 20)], avatar_busy=True)
+    assert kinds(events) == [TurnEventKind.AVATAR_PAUSE, TurnEventKind.AVATAR_RESUME]
 
 
 def test_policy_caps_utterance_length():
     policy = TurnPolicy(TurnSettings(max_utterance_s=2.0), WINDOW)
     events = _feed(policy, [(0.9, 100)])
-    assert TurnEventKind.USER_ENDED in [kind for kind, _ in events]
+    assert TurnEventKind.USER_ENDED in kinds(events)
 
 
 def test_chunker_sends_first_clause_early_then_sentences():
