@@ -1,0 +1,68 @@
+"""Turn-taking over real WebRTC: speculative replies, coughs that do not end a reply, bounded memory."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from media_server.app import SESSIONS
+from media_server.speech_corpus import espeak
+
+
+def silence(seconds: float, rate: int) -> np.ndarray:
+    return np.zeros(int(seconds * rate), np.float32)
+
+
+def trimmed(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
+    """Without espeak's leading and trailing silence, so the test controls the pause exactly."""
+    voiced = np.flatnonzero(np.abs(audio) > threshold)
+    return audio[voiced[0] : voiced[-1] + 1]
+
+
+def project_voice(runtime, text: str) -> tuple[np.ndarray, int]:
+    chunks = list(runtime.engines.tts.synthesize(text, runtime.engines.tts.default_voice))
+    return np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate
+
+
+async def test_a_speculative_reply_dropped_by_continued_speech_gives_one_answer(client_factory, server_app, runtime):
+    client = await client_factory()
+    first, rate = project_voice(runtime, "What is the capital")
+    second, _ = project_voice(runtime, "of France?")
+    # 300 ms of silence: longer than the speculative pause (160 ms), shorter than the end of a turn (500 ms).
+    spoken = [silence(0.3, rate), trimmed(first), silence(0.3, rate), trimmed(second), silence(1.0, rate)]
+    client.microphone.say(np.concatenate(spoken), rate)
+
+    reply = await client.wait_for(lambda e: e.get("type") == "reply" and e.get("final"), timeout=40)
+    await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", timeout=30)
+    finals = [e for e in client.events_of("transcript") if e.get("final")]
+    assert len(finals) == 1 and "france" in finals[0]["text"].lower()
+    assert len([e for e in client.events_of("reply") if e.get("final")]) == 1 and reply["turn"] == finals[0]["turn"]
+    assert server_app[SESSIONS][client.session_id].conversation.speculative_dropped >= 1
+
+
+async def test_a_cough_during_a_reply_pauses_it_and_the_reply_resumes(client_factory):
+    client = await client_factory()
+    client.send({"type": "text", "text": "Tell me a long story about a brave knight and a dragon."})
+    await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", timeout=30)
+    cough, rate = espeak("ah", words_per_minute=300)
+    voiced = np.flatnonzero(np.abs(cough) > 0.02)
+    burst = cough[voiced[0] : voiced[0] + int(0.2 * rate)]  # 200 ms of voice: shorter than an interruption
+    client.microphone.say(burst, rate)
+
+    await client.wait_for(lambda e: e.get("type") == "resumed", timeout=15)
+    await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", timeout=60)
+    assert not client.events_of("interrupted")
+    assert not any(e.get("interrupted") for e in client.events_of("reply"))
+
+
+async def test_memory_stays_bounded_over_fifty_turns(client_factory, server_app, runtime):
+    client = await client_factory()
+    conversation = server_app[SESSIONS][client.session_id].conversation
+    conversation.settings = conversation.settings.model_copy(update={"max_history_messages": 40})
+    llm = runtime.engines.llm
+    for turn in range(50):
+        client.send({"type": "text", "text": f"Question number {turn}: tell me something about the number {turn}."})
+        await client.wait_for(lambda e, n=turn + 1: e.get("type") == "reply" and e.get("final") and e.get("turn") == n, 30)
+    assert len(conversation.history) <= 40
+    prompt_tokens = llm.count_tokens(llm.build_prompt(conversation.persona, conversation.history))
+    preamble_tokens = llm.count_tokens(llm.build_prompt(conversation.persona, conversation.history[-1:]))
+    assert prompt_tokens <= llm._settings.max_history_tokens + preamble_tokens
