@@ -78,6 +78,7 @@ class AVTimeline:
         self.sample_rate = sample_rate
         self.samples_per_frame = sample_rate // fps
         self.on_playback: Callable[[PlaybackEvent], None] = lambda event: None
+        self.on_audio: Callable[[np.ndarray, bool], None] = lambda audio, speech: None
         self.audio = OutputTrack("audio")
         self.video = OutputTrack("video")
         self.tick = 0
@@ -149,6 +150,7 @@ class AVTimeline:
             picture = await loop.run_in_executor(self.lipsync_executor, self.lipsync.idle_frame)
             audio = self._silence
         self._send(picture, audio)
+        self.on_audio(audio, queued is not None)
         if queued is not None:
             self._report(queued)
 

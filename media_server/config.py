@@ -72,6 +72,8 @@ class TurnSettings(Strict):
     max_utterance_s: float = Field(20.0, gt=1)
     first_chunk_min_words: int = Field(4, ge=1)
     max_history_messages: int = Field(200, ge=2)
+    echo_guard: bool = True
+    echo_correlation: float = Field(0.5, gt=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> TurnSettings:

@@ -39,7 +39,7 @@ class MicrophoneTrack(MediaStreamTrack):
         self._samples_sent = 0
         self._start: float | None = None
         self.clip_ended: list[float] = []  # time.monotonic() when the last sample of each clip was sent
-        self._clip_remaining = 0
+        self._echo = np.zeros(0, np.float32)  # sound from "the speakers" that leaks into this microphone
 
     def say(self, audio: np.ndarray, rate: int) -> float:
         """Queue a clip; returns its duration in seconds."""
@@ -49,6 +49,10 @@ class MicrophoneTrack(MediaStreamTrack):
         for offset in range(0, len(samples), PACKET):
             self._queue.append(samples[offset : offset + PACKET])
         return len(samples) / MIC_RATE
+
+    def leak(self, samples: np.ndarray) -> None:
+        """Add played-back sound to what this microphone picks up (an echo path)."""
+        self._echo = np.concatenate([self._echo, samples.astype(np.float32)])
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -64,6 +68,9 @@ class MicrophoneTrack(MediaStreamTrack):
                 self.clip_ended.append(time.monotonic())
         else:
             packet = np.zeros(PACKET, np.float32)
+        if len(self._echo) >= PACKET:
+            packet = packet + self._echo[:PACKET]
+            self._echo = self._echo[PACKET:]
         frame = av.AudioFrame.from_ndarray((packet * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
         frame.sample_rate = MIC_RATE
         frame.pts = self._samples_sent
@@ -98,11 +105,14 @@ class Recording:
 
 
 class LoopbackClient:
-    def __init__(self, base_url: str, *, keep_video: bool = True) -> None:
+    def __init__(self, base_url: str, *, keep_video: bool = True, echo_gain: float = 0.0, echo_delay_s: float = 0.15) -> None:
         self.base_url = base_url.rstrip("/")
         self.keep_video = keep_video
+        self.echo_gain = echo_gain
         self.pc = RTCPeerConnection()
         self.microphone = MicrophoneTrack()
+        if echo_gain:
+            self.microphone.leak(np.zeros(int(echo_delay_s * MIC_RATE), np.float32))
         self.recording = Recording()
         self.events: list[tuple[float, dict]] = []
         self.session_id: str | None = None
@@ -145,6 +155,8 @@ class LoopbackClient:
                     channels = len(frame.layout.channels)
                     mono = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)
                     self.recording.audio.append((now, mono))
+                    if self.echo_gain:
+                        self.microphone.leak(mono * self.echo_gain)
                 elif self.keep_video:
                     image = frame.to_ndarray(format="bgr24")
                     self.recording.last_full_frame = image

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -21,6 +21,7 @@ from media_server.audio import MicrophoneResampler, resample
 from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
 from media_server.chunker import SpeechChunker
 from media_server.config import TurnSettings
+from media_server.echo_guard import EchoGuard
 from media_server.metrics import STAGES, ServerMetrics
 from media_server.threads import iterate_in_thread
 from media_server.turn_policy import TurnEvent, TurnEventKind, TurnPolicy
@@ -50,6 +51,10 @@ class Turn:
 
     def latencies_ms(self) -> dict[str, float]:
         return {stage: round((self.marks[stage] - self.started) * 1000, 1) for stage in STAGES if stage in self.marks}
+
+
+async def _single(text: str) -> AsyncIterator[str]:
+    yield text
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
@@ -96,6 +101,10 @@ class Conversation:
         self._avatar_paused_at: float | None = None
         self.speculative_dropped = 0
         timeline.on_playback = self._on_playback
+        self._echo = EchoGuard(engines.vad.sample_rate, threshold=turn_settings.echo_correlation)
+        if turn_settings.echo_guard:
+            timeline.on_audio = self._echo.played
+        self.echo_windows = 0
 
     # --- microphone ----------------------------------------------------------
 
@@ -116,6 +125,9 @@ class Conversation:
 
     def _on_window(self, window: np.ndarray) -> None:
         probability = self._vad.speech_probability(window)
+        if self.settings.echo_guard and probability >= self.settings.vad_threshold and self._echo.is_echo(window):
+            probability = 0.0  # the avatar hearing itself through the client's speakers
+            self.echo_windows += 1
         window_start = self._audio_time
         self._audio_time += self._window_s
         if self._policy.user_speaking:
@@ -204,6 +216,12 @@ class Conversation:
 
     # --- turns ---------------------------------------------------------------
 
+    def say(self, text: str) -> None:
+        """Speak ``text`` as it is, without the LLM (broadcasts, announcements)."""
+        self.last_client_activity = time.monotonic()
+        self.interrupt(reason="new message")
+        self._start_turn(time.monotonic(), text=text, verbatim=True)
+
     def submit_text(self, text: str) -> None:
         self.last_client_activity = time.monotonic()
         self.interrupt(reason="new message")
@@ -211,21 +229,27 @@ class Conversation:
         self._start_turn(time.monotonic(), text=text)
 
     def _start_turn(
-        self, started: float, *, audio: np.ndarray | None = None, text: str | None = None, confirmed: bool = True
+        self,
+        started: float,
+        *,
+        audio: np.ndarray | None = None,
+        text: str | None = None,
+        confirmed: bool = True,
+        verbatim: bool = False,
     ) -> None:
         if self._turn_task is not None:
             self._turn_task.cancel()
         self._turn_ids += 1
         turn = Turn(self._turn_ids, started, confirmed=confirmed)
         self._turn = turn
-        self._turn_task = asyncio.create_task(self._run_turn(turn, audio, text))
+        self._turn_task = asyncio.create_task(self._run_turn(turn, audio, text, verbatim))
         self._turn_task.add_done_callback(self._turn_task_done)
 
     def _turn_task_done(self, task: asyncio.Task[None]) -> None:
         if self._turn_task is task:
             self._turn_task = None
 
-    async def _run_turn(self, turn: Turn, audio: np.ndarray | None, text: str | None) -> None:
+    async def _run_turn(self, turn: Turn, audio: np.ndarray | None, text: str | None, verbatim: bool = False) -> None:
         try:
             self._emit_for(turn, {"type": "state", "state": "thinking"})
             if audio is not None:
@@ -236,8 +260,12 @@ class Conversation:
             if not text:
                 self._emit_for(turn, {"type": "state", "state": "listening"})
                 return
-            turn.question = ChatMessage("user", text)
-            await self._reply(turn, turn.question)
+            if verbatim:
+                await self._reply(turn, _single(text))
+            else:
+                turn.question = ChatMessage("user", text)
+                history = [*self.history, turn.question]
+                await self._reply(turn, self._llm_deltas(history))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # one session's engine failure is reported to it and to nobody else
@@ -246,23 +274,22 @@ class Conversation:
             self.timeline.clear()
             self.emit({"type": "state", "state": "listening"})
 
-    async def _reply(self, turn: Turn, question: ChatMessage) -> None:
-        """The LLM writes while TTS and lip-sync speak; a failure in either stops both."""
+    def _llm_deltas(self, history: list[ChatMessage]) -> AsyncIterator[str]:
+        return iterate_in_thread(lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set))
+
+    async def _reply(self, turn: Turn, deltas: AsyncIterator[str]) -> None:
+        """The text is written (by the LLM, or given) while TTS and lip-sync speak; a failure in either stops both."""
         chunks: asyncio.Queue[str | None] = asyncio.Queue()
         try:
             async with asyncio.TaskGroup() as stages:
-                stages.create_task(self._write_reply(turn, question, chunks))
+                stages.create_task(self._write_reply(turn, deltas, chunks))
                 stages.create_task(self._speak_chunks(turn, chunks))
         except BaseExceptionGroup as group:
             raise _first_leaf(group) from None
 
-    async def _write_reply(self, turn: Turn, question: ChatMessage, chunks: asyncio.Queue[str | None]) -> None:
+    async def _write_reply(self, turn: Turn, deltas: AsyncIterator[str], chunks: asyncio.Queue[str | None]) -> None:
         chunker = SpeechChunker(self.settings.first_chunk_min_words)
-        history = [*self.history, question]
-        stream = iterate_in_thread(
-            lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set)
-        )
-        async for delta in stream:
+        async for delta in deltas:
             turn.mark("first_token")
             turn.reply += delta
             self._emit_for(turn, {"type": "reply", "delta": delta, "final": False, "turn": turn.id})

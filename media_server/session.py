@@ -118,20 +118,22 @@ class Session:
         except (ValueError, TypeError, KeyError):
             self.conversation.report_error("bad_message", 'messages must be JSON objects with a "type"')
             return
-        if kind == "text":
+        if kind in ("text", "say"):
             text = event.get("text")
             if not isinstance(text, str) or not text.strip():
-                self.conversation.report_error("bad_message", '"text" needs a non-empty string "text"')
+                self.conversation.report_error("bad_message", f'"{kind}" needs a non-empty string "text"')
             elif len(text) > MAX_TEXT_CHARS:
                 self.conversation.report_error("bad_message", f"text longer than {MAX_TEXT_CHARS} characters")
-            else:
+            elif kind == "text":
                 self.conversation.submit_text(text.strip())
+            else:
+                self.conversation.say(text.strip())
         elif kind == "interrupt":
             self.conversation.interrupt(reason="client")
         elif kind == "ping":
             self.send_event({"type": "pong"})
         else:
-            self.conversation.report_error("bad_message", f"unknown message type {kind!r}; use text, interrupt or ping")
+            self.conversation.report_error("bad_message", f"unknown message type {kind!r}; use text, say, interrupt or ping")
 
     def send_event(self, event: dict[str, object]) -> None:
         channel = self.channel

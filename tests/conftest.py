@@ -59,8 +59,8 @@ async def client_factory(live_server: LiveServer) -> AsyncIterator:
     """Connect real aiortc peers; every one is closed and its server session gone after the test."""
     clients: list[LoopbackClient] = []
 
-    async def connect(**choices: str) -> LoopbackClient:
-        client = LoopbackClient(live_server.base_url)
+    async def connect(echo_gain: float = 0.0, **choices: str) -> LoopbackClient:
+        client = LoopbackClient(live_server.base_url, echo_gain=echo_gain)
         clients.append(client)
         await client.connect(**choices)
         return client

@@ -11,6 +11,7 @@ import pytest
 from media_server.app import SESSIONS
 from media_server.loopback_client import THUMBNAIL, LoopbackClient
 from tests.speech import espeak
+from tests.test_turn_taking import STORY
 from tests.wer import word_error_rate
 
 QUESTION = "What is the capital of France?"
@@ -102,7 +103,7 @@ async def test_typed_message_gets_a_spoken_answer_and_follow_up_remembers(client
 
 async def test_speaking_over_the_avatar_stops_it_and_the_new_question_is_answered(client_factory, runtime, server_app):
     client = await client_factory()
-    client.send({"type": "text", "text": "Tell me a long story about a brave knight and a dragon."})
+    client.send({"type": "say", "text": STORY})
     speaking = await client.wait_for(is_state("speaking"), timeout=30)
     speaking_at = next(at for at, e in client.events if e is speaking)
     await asyncio.sleep(0.8)

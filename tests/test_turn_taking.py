@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from media_server.app import SESSIONS
 from media_server.speech_corpus import espeak
+
+
+STORY = (
+    "Once upon a time, a brave knight rode out to find the dragon of the northern hills. "
+    "He crossed three rivers and a dark forest, and on the seventh day he reached the cave."
+)
+
+
+async def wait_for_state(client, state: str, after: float = 0.0, timeout: float = 30) -> float:
+    """Wait for a state event; returns when it arrived."""
+    event = await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == state, timeout, after)
+    return next(at for at, e in client.events if e is event)
 
 
 def silence(seconds: float, rate: int) -> np.ndarray:
@@ -41,15 +54,15 @@ async def test_a_speculative_reply_dropped_by_continued_speech_gives_one_answer(
 
 async def test_a_cough_during_a_reply_pauses_it_and_the_reply_resumes(client_factory):
     client = await client_factory()
-    client.send({"type": "text", "text": "Tell me a long story about a brave knight and a dragon."})
-    await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", timeout=30)
+    client.send({"type": "say", "text": STORY})
+    speaking_at = await wait_for_state(client, "speaking")
     cough, rate = espeak("ah", words_per_minute=300)
     voiced = np.flatnonzero(np.abs(cough) > 0.02)
     burst = cough[voiced[0] : voiced[0] + int(0.2 * rate)]  # 200 ms of voice: shorter than an interruption
     client.microphone.say(burst, rate)
 
     await client.wait_for(lambda e: e.get("type") == "resumed", timeout=15)
-    await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", timeout=60)
+    await wait_for_state(client, "listening", after=speaking_at, timeout=60)
     assert not client.events_of("interrupted")
     assert not any(e.get("interrupted") for e in client.events_of("reply"))
 
@@ -66,3 +79,17 @@ async def test_memory_stays_bounded_over_fifty_turns(client_factory, server_app,
     prompt_tokens = llm.count_tokens(llm.build_prompt(conversation.persona, conversation.history))
     preamble_tokens = llm.count_tokens(llm.build_prompt(conversation.persona, conversation.history[-1:]))
     assert prompt_tokens <= llm._settings.max_history_tokens + preamble_tokens
+
+
+@pytest.mark.parametrize("guard", [True, False])
+async def test_the_avatar_does_not_interrupt_itself_through_the_speakers(client_factory, server_app, guard):
+    client = await client_factory(echo_gain=0.5)  # the client's mic hears the avatar, 150 ms late
+    conversation = server_app[SESSIONS][client.session_id].conversation
+    conversation.settings = conversation.settings.model_copy(update={"echo_guard": guard})
+    client.send({"type": "say", "text": STORY})
+    speaking_at = await wait_for_state(client, "speaking")
+    await wait_for_state(client, "listening", after=speaking_at, timeout=60)
+    if guard:
+        assert not client.events_of("interrupted") and conversation.echo_windows > 0
+    else:  # the control: without the guard the avatar's own voice cuts it off
+        assert client.events_of("interrupted")
