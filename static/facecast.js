@@ -1,0 +1,214 @@
+// Facecast browser client: WebRTC signalling with a Facecast server and its `events` data channel.
+// No UI here, so the talk page, kiosk, OBS and embed pages can all share it.
+//
+//   const options = await fetchOptions();
+//   const client = new FacecastClient({ iceServers: options.ice_servers });
+//   client.addEventListener("reply", (e) => console.log(e.detail));
+//   client.addEventListener("media", (e) => (video.srcObject = e.detail.stream));
+//   await client.connect({ microphone: micStream, persona: "assistant" });
+//   client.sendText("Hello!");
+//
+// Every server event is re-dispatched as a CustomEvent named after its "type" (session, state,
+// transcript, reply, metrics, interrupted, resumed, error, pong), with the parsed message as `detail`.
+// The client adds: "media" ({stream}) when the avatar's first track arrives, "connection"
+// ({state}) on each RTCPeerConnection state change, and "closed" ({reason}) once it has ended.
+
+const ICE_GATHERING_TIMEOUT_MS = 3000;
+const CHANNEL_OPEN_TIMEOUT_MS = 20000;
+
+/** A refused request: the HTTP status and the server's {"error": {code, message}} body. */
+export class FacecastError extends Error {
+  constructor(message, { status = 0, code = "network", retryAfterS = null } = {}) {
+    super(message);
+    this.name = "FacecastError";
+    this.status = status;
+    this.code = code;
+    this.retryAfterS = retryAfterS;
+  }
+}
+
+async function errorFrom(response) {
+  let code = `http_${response.status}`;
+  let message = `${response.status} ${response.statusText}`;
+  try {
+    const body = await response.json();
+    if (body && body.error) {
+      code = body.error.code || code;
+      message = body.error.message || message;
+    }
+  } catch {
+    // Not JSON (a proxy's error page, say): the status line is all there is.
+  }
+  const retry = response.headers.get("Retry-After");
+  return new FacecastError(message, { status: response.status, code, retryAfterS: retry ? Number(retry) : null });
+}
+
+async function request(url, init) {
+  let response;
+  try {
+    response = await fetch(url, init);
+  } catch (error) {
+    throw new FacecastError(`cannot reach the Facecast server (${error.message})`);
+  }
+  if (!response.ok) throw await errorFrom(response);
+  return response.json();
+}
+
+/** GET /api/options: {avatars, personas: {name: display name}, voices, defaults, ice_servers}. */
+export function fetchOptions(baseUrl = "") {
+  return request(`${baseUrl}/api/options`);
+}
+
+function iceGatheringComplete(pc) {
+  // The server does not take trickled candidates, so the offer must carry them all.
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      pc.removeEventListener("icegatheringstatechange", check);
+      clearTimeout(timer);
+      resolve();
+    };
+    const check = () => pc.iceGatheringState === "complete" && done();
+    const timer = setTimeout(done, ICE_GATHERING_TIMEOUT_MS);
+    pc.addEventListener("icegatheringstatechange", check);
+  });
+}
+
+function channelOpen(channel) {
+  if (channel.readyState === "open") return Promise.resolve();
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(
+      () => reject(new FacecastError("the events channel did not open: the media connection failed", { code: "no_connection" })),
+      CHANNEL_OPEN_TIMEOUT_MS,
+    );
+    channel.addEventListener("open", () => {
+      clearTimeout(timer);
+      resolve();
+    }, { once: true });
+    channel.addEventListener("close", () => {
+      clearTimeout(timer);
+      reject(new FacecastError("the events channel closed before it opened", { code: "no_connection" }));
+    }, { once: true });
+  });
+}
+
+export class FacecastClient extends EventTarget {
+  /**
+   * @param {{baseUrl?: string, iceServers?: RTCIceServer[]}} options
+   */
+  constructor({ baseUrl = "", iceServers = [] } = {}) {
+    super();
+    this.baseUrl = baseUrl;
+    this.iceServers = iceServers;
+    this.pc = null;
+    this.channel = null;
+    this.sessionId = null;
+    this.state = "idle"; // the avatar's last reported state: listening, thinking or speaking
+    this.remoteStream = new MediaStream();
+    this.closed = false;
+  }
+
+  get connected() {
+    return !this.closed && this.channel !== null && this.channel.readyState === "open";
+  }
+
+  /**
+   * Open a session. With a microphone stream its audio track is sent; without one the client
+   * only receives (it can still type). avatar, voice and persona are names from /api/options;
+   * leave them out for the server's defaults. `video: false` asks for audio only.
+   */
+  async connect({ microphone = null, avatar, voice, persona, video = true } = {}) {
+    if (this.pc) throw new Error("a FacecastClient connects once; make a new one for a new session");
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    this.pc = pc;
+    pc.addEventListener("track", (event) => this._onTrack(event));
+    pc.addEventListener("connectionstatechange", () => this._onConnectionState());
+
+    const micTrack = microphone ? microphone.getAudioTracks()[0] : null;
+    if (micTrack) pc.addTrack(micTrack, microphone);
+    else pc.addTransceiver("audio", { direction: "recvonly" });
+    if (video) pc.addTransceiver("video", { direction: "recvonly" });
+    // The channel must exist before the offer, so the offer has a data section.
+    this.channel = pc.createDataChannel("events");
+    this.channel.addEventListener("message", (event) => this._onMessage(event.data));
+    this.channel.addEventListener("close", () => this.close("the server ended the session"));
+
+    try {
+      await pc.setLocalDescription(await pc.createOffer());
+      await iceGatheringComplete(pc);
+      const body = { sdp: pc.localDescription.sdp, type: "offer" };
+      if (avatar) body.avatar = avatar;
+      if (voice) body.voice = voice;
+      if (persona) body.persona = persona;
+      const answer = await request(`${this.baseUrl}/offer`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      this.sessionId = answer.session_id;
+      await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+      await channelOpen(this.channel);
+    } catch (error) {
+      this.close(error.message);
+      throw error;
+    }
+  }
+
+  /** Send one event on the data channel (see docs/protocol.md). */
+  send(event) {
+    if (!this.connected) throw new FacecastError("not connected", { code: "not_connected" });
+    this.channel.send(JSON.stringify(event));
+  }
+
+  sendText(text) {
+    this.send({ type: "text", text });
+  }
+
+  /** Have the avatar speak `text` word for word, without the language model. */
+  say(text) {
+    this.send({ type: "say", text });
+  }
+
+  interrupt() {
+    this.send({ type: "interrupt" });
+  }
+
+  ping() {
+    this.send({ type: "ping" });
+  }
+
+  /** End the session: tell the server (best effort) and release the connection. */
+  close(reason = "closed") {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.sessionId) {
+      // keepalive lets the request finish even when the page is being unloaded.
+      fetch(`${this.baseUrl}/sessions/${this.sessionId}`, { method: "DELETE", keepalive: true }).catch(() => {});
+    }
+    if (this.pc) this.pc.close();
+    this.dispatchEvent(new CustomEvent("closed", { detail: { reason } }));
+  }
+
+  _onTrack(event) {
+    this.remoteStream.addTrack(event.track);
+    this.dispatchEvent(new CustomEvent("media", { detail: { stream: this.remoteStream, track: event.track } }));
+  }
+
+  _onConnectionState() {
+    const state = this.pc.connectionState;
+    this.dispatchEvent(new CustomEvent("connection", { detail: { state } }));
+    if (state === "failed") this.close("the media connection failed");
+  }
+
+  _onMessage(data) {
+    let event;
+    try {
+      event = JSON.parse(data);
+    } catch {
+      return; // the server only sends JSON; anything else is not ours to interpret
+    }
+    if (!event || typeof event.type !== "string") return;
+    if (event.type === "state") this.state = event.state;
+    this.dispatchEvent(new CustomEvent(event.type, { detail: event }));
+  }
+}
