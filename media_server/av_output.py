@@ -71,12 +71,14 @@ class AVTimeline:
         lipsync_executor: Executor,
         fps: int,
         sample_rate: int,
+        idle_fps: int | None = None,
     ) -> None:
         self.lipsync = lipsync
         self.lipsync_executor = lipsync_executor
         self.fps = fps
         self.sample_rate = sample_rate
         self.samples_per_frame = sample_rate // fps
+        self.idle_stride = max(1, round(fps / (idle_fps or fps)))
         self.on_playback: Callable[[PlaybackEvent], None] = lambda event: None
         self.on_audio: Callable[[np.ndarray, bool], None] = lambda audio, speech: None
         self.audio = OutputTrack("audio")
@@ -142,13 +144,16 @@ class AVTimeline:
             self.tick += 1
 
     async def _play_tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        picture: np.ndarray | None
         if self._speech and not self.paused:
             queued = self._speech.popleft()
             picture, audio = queued.frame.video, queued.frame.audio
         else:
-            queued = None
-            picture = await loop.run_in_executor(self.lipsync_executor, self.lipsync.idle_frame)
-            audio = self._silence
+            queued, audio = None, self._silence
+            # Idle video runs at a lower rate: encoding every frame is most of an idle session's cost.
+            picture = None
+            if self.tick % self.idle_stride == 0:
+                picture = await loop.run_in_executor(self.lipsync_executor, self.lipsync.idle_frame)
         self._send(picture, audio)
         self.on_audio(audio, queued is not None)
         if queued is not None:
@@ -163,11 +168,13 @@ class AVTimeline:
             self._playing_turn = None
             self.on_playback(PlaybackEvent("finished", queued.turn, now))
 
-    def _send(self, picture: np.ndarray, audio: np.ndarray) -> None:
-        video_frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
-        video_frame.pts = self.tick * VIDEO_CLOCK_RATE // self.fps
-        video_frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
-        self.video.offer(video_frame)
+    def _send(self, picture: np.ndarray | None, audio: np.ndarray) -> None:
+        if picture is not None:
+            video_frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
+            video_frame.pts = self.tick * VIDEO_CLOCK_RATE // self.fps
+            video_frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
+            self.video.offer(video_frame)
+            self.frames_sent += 1
         pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
         self._pending_pcm = np.concatenate([self._pending_pcm, pcm])
         packet = int(self.sample_rate * AUDIO_PACKET_S)
@@ -179,7 +186,6 @@ class AVTimeline:
             self.audio.offer(audio_frame)
             self._pending_pcm = self._pending_pcm[packet:]
             self._audio_samples_sent += packet
-        self.frames_sent += 1
 
     def stop(self) -> None:
         self.audio.stop()

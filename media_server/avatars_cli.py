@@ -48,7 +48,9 @@ class Progress:
     ``scale`` and ``unit`` show byte counts as e.g. MB (scale 2**20, unit " MB").
     """
 
-    def __init__(self, label: str, total: int | None, stream: TextIO = sys.stderr, scale: float = 1, unit: str = "") -> None:
+    def __init__(
+        self, label: str, total: int | None, stream: TextIO = sys.stderr, scale: float = 1, unit: str = ""
+    ) -> None:
         self.label = label
         self.total = total
         self.stream = stream
@@ -110,7 +112,9 @@ def _check_source(source: Path) -> None:
     except av.codec.codec.UnknownCodecError as error:
         raise AvatarError(f"{source.name} uses a codec this build cannot decode: {error}") from error
     if width == 0 or height == 0:
-        raise AvatarError(f"{source.name} is corrupt or its codec is unsupported: its {codec!r} stream has no picture size")
+        raise AvatarError(
+            f"{source.name} is corrupt or its codec is unsupported: its {codec!r} stream has no picture size"
+        )
     if max(width, height) > MAX_DIMENSION:
         raise AvatarError(f"{source.name} is {width}x{height}; at most {MAX_DIMENSION} pixels per side, please")
 
@@ -150,14 +154,18 @@ def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string literal is a valid TOML basic string
 
 
-def _avatar_toml(source_name: str, display_name: str, voice: str | None, persona: str | None, pads: list[float] | None) -> str:
+def _avatar_toml(
+    source_name: str, display_name: str, voice: str | None, persona: str | None, pads: list[float] | None
+) -> str:
     lines = [f"display_name = {_toml_string(display_name)}", f"source = {_toml_string(source_name)}"]
     if voice:
         lines.append(f"voice = {_toml_string(voice)}")
     if persona:
         lines.append(f"persona = {_toml_string(persona)}")
     if pads is not None:
-        lines.append(f"pads = [{', '.join(repr(float(p)) for p in pads)}]  # top, bottom, left, right, in face-box units")
+        lines.append(
+            f"pads = [{', '.join(repr(float(p)) for p in pads)}]  # top, bottom, left, right, in face-box units"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +183,9 @@ def add_avatar(
 ) -> Path:
     """Create ``root/name`` from ``source``; AvatarError (and nothing left on disk) if anything is wrong."""
     if not NAME_PATTERN.fullmatch(name):
-        raise AvatarError(f"avatar name {name!r}: use 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit")
+        raise AvatarError(
+            f"avatar name {name!r}: use 1-64 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+        )
     final = root / name
     if final.exists() and not replace:
         raise AvatarError(f"avatar {name!r} already exists in {root}; pass --replace to replace it")
@@ -220,12 +230,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="avatars_command", required=True)
     add = commands.add_parser("add", help="add an avatar from a photo or a short video loop")
     add.add_argument("name", help="folder name under server.avatars_dir: lower-case letters, digits, - and _")
-    add.add_argument("source", type=Path, help=f"a photo ({', '.join(IMAGE_SUFFIXES)}) or video ({', '.join(VIDEO_SUFFIXES)})")
+    add.add_argument(
+        "source", type=Path, help=f"a photo ({', '.join(IMAGE_SUFFIXES)}) or video ({', '.join(VIDEO_SUFFIXES)})"
+    )
     add.add_argument("--display-name", help="the name shown on the page (default: NAME)")
     add.add_argument("--voice", help="the avatar's default TTS voice")
     add.add_argument("--persona", help="the avatar's default persona")
     add.add_argument(
-        "--pads", type=float, nargs=4, metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
+        "--pads",
+        type=float,
+        nargs=4,
+        metavar=("TOP", "BOTTOM", "LEFT", "RIGHT"),
         help="Wav2Lip face-crop padding in face-box heights/widths (default: lipsync.pads)",
     )
     add.add_argument("--replace", action="store_true", help="replace an existing avatar of that name")

@@ -48,12 +48,15 @@ class ServerSettings(Strict):
 
 class MediaSettings(Strict):
     fps: int = Field(25, ge=5, le=60)
+    idle_fps: int = Field(5, ge=1, le=60)
     sample_rate: int = 48000
 
     @model_validator(mode="after")
     def _whole_samples_per_frame(self) -> MediaSettings:
         if self.sample_rate % self.fps:
             raise ValueError(f"sample_rate {self.sample_rate} must be a multiple of fps {self.fps}")
+        if self.idle_fps > self.fps:
+            raise ValueError(f"idle_fps {self.idle_fps} must not exceed fps {self.fps}")
         return self
 
 

@@ -85,7 +85,10 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
     source = settings.models.get(args.name)
     if source is None:
         known = ", ".join(settings.models) or "none"
-        print(f"facecast: models fetch: no [models.{args.name}] in the configuration; configured: {known}", file=sys.stderr)
+        print(
+            f"facecast: models fetch: no [models.{args.name}] in the configuration; configured: {known}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     destination = source.path if source.path.is_absolute() else PROJECT_ROOT / source.path
     print(f"{args.name}: licence terms: {source.licence}\nBy downloading it you accept them.\n")

@@ -68,7 +68,9 @@ def read_audio(path: Path, sample_rate: int) -> np.ndarray:
 class _Mp4Writer:
     """Encodes AVFrames as they come: frame k is video pts k and audio samples [k*spf, (k+1)*spf)."""
 
-    def __init__(self, container: av.container.OutputContainer, size: tuple[int, int], fps: int, sample_rate: int) -> None:
+    def __init__(
+        self, container: av.container.OutputContainer, size: tuple[int, int], fps: int, sample_rate: int
+    ) -> None:
         self.container = container
         self.sample_rate = sample_rate
         self.video = container.add_stream(VIDEO_CODEC, rate=fps, options=VIDEO_OPTIONS)
@@ -110,7 +112,9 @@ def render(
 ) -> RenderSummary:
     catalogue = AvatarCatalogue(settings.server.avatars_dir)
     if avatar_name not in catalogue.names():
-        raise RenderError(f"no avatar {avatar_name!r} in {catalogue.root}; there are: {', '.join(catalogue.names()) or 'none'}")
+        raise RenderError(
+            f"no avatar {avatar_name!r} in {catalogue.root}; there are: {', '.join(catalogue.names()) or 'none'}"
+        )
     fps, sample_rate = settings.media.fps, settings.media.sample_rate
     audio = read_audio(audio_path, sample_rate)
     avatar = catalogue.get(avatar_name)

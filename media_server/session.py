@@ -55,7 +55,8 @@ class Session:
         # One thread per session for lip-sync, so its stream object is only ever touched by one thread.
         self._lipsync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lipsync-{self.id[:6]}")
         lipsync = engines.lipsync.open_stream(avatar, settings.media.fps, settings.media.sample_rate)
-        self.timeline = AVTimeline(lipsync, self._lipsync_executor, settings.media.fps, settings.media.sample_rate)
+        media = settings.media
+        self.timeline = AVTimeline(lipsync, self._lipsync_executor, media.fps, media.sample_rate, media.idle_fps)
         self.conversation = Conversation(
             engines=engines,
             turn_settings=settings.turn,
