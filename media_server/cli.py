@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from media_server.config import ConfigError, Settings, load_settings
 from engines.registry import EngineConfigError
+from media_server.config import ConfigError, Settings, load_settings
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, str]:

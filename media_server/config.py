@@ -9,9 +9,9 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "default.toml"
@@ -32,6 +32,9 @@ class IceServer(Strict):
     credential: str | None = None
 
 
+ORIGIN_PATTERN = r"^(\*|https?://[^/\s]+)$"
+
+
 class ServerSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -44,6 +47,36 @@ class ServerSettings(Strict):
     default_avatar: str = "default"
     default_persona: str = "assistant"
     ice_servers: list[IceServer] = []
+    # Browsers use only TURN relays (iceTransportPolicy "relay"): hides their addresses, crosses strict NATs.
+    relay_only: bool = False
+    # Bearer token for the broadcast API (/api/sessions); without one that API only answers loopback clients.
+    api_token: str | None = Field(None, min_length=16)
+    # Web sites (scheme://host[:port], or "*") whose pages may use this server from the browser (embed.js).
+    allowed_origins: list[Annotated[str, StringConstraints(pattern=ORIGIN_PATTERN)]] = []
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.relay_only and not any(url.startswith(("turn:", "turns:")) for s in self.ice_servers for url in s.urls):
+            raise ValueError("relay_only needs a TURN server (a turn: or turns: url) in ice_servers")
+        return self
+
+
+class BroadcastSettings(Strict):
+    """Broadcast sessions: an avatar driven by the HTTP API, watched over WHEP, /obs, or pushed by RTMP."""
+
+    # The broadcast session that `POST /whep` and `/obs` use when none is named, and that rtmp_url starts.
+    default_id: str = Field("main", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    max_viewers: int = Field(4, ge=1)  # per broadcast session; each viewer costs one video encode
+    reply_timeout_s: float = Field(60.0, gt=0)  # how long POST .../chat waits for the reply's text
+    # When set, the server starts the default broadcast session at launch and pushes it here (rtmp:// or rtmps://).
+    rtmp_url: str | None = Field(None, pattern=r"^rtmps?://")
+    rtmp_video_kbps: int = Field(2000, ge=100)
+    rtmp_audio_kbps: int = Field(128, ge=32)
+    rtmp_keyframe_s: float = Field(2.0, gt=0)
 
 
 class MediaSettings(Strict):
@@ -108,6 +141,7 @@ class PersonaSettings(Strict):
 class Settings(Strict):
     server: ServerSettings = ServerSettings()
     media: MediaSettings = MediaSettings()
+    broadcast: BroadcastSettings = BroadcastSettings()
     turn: TurnSettings = TurnSettings()
     vad: StageSettings
     asr: StageSettings

@@ -16,8 +16,8 @@ from engines.embedded_models import (
     verify_sha256,
     whisper_base_files,
 )
-from tests.speech import espeak, resample
-from tests.wer import word_error_rate
+from media_server.audio import resample
+from media_server.speech_corpus import espeak, word_error_rate
 
 RATE = FasterWhisperASR.sample_rate
 QUESTIONS = (

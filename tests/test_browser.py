@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from tests.speech import espeak, resample
+from media_server.audio import resample
+from media_server.speech_corpus import espeak
 
 playwright_api = pytest.importorskip("playwright.async_api")
 expect = playwright_api.expect

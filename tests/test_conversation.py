@@ -10,9 +10,8 @@ import pytest
 
 from media_server.app import SESSIONS
 from media_server.loopback_client import THUMBNAIL, LoopbackClient
-from tests.speech import espeak
+from media_server.speech_corpus import espeak, word_error_rate
 from tests.test_turn_taking import STORY
-from tests.wer import word_error_rate
 
 QUESTION = "What is the capital of France?"
 FPS = 25

@@ -8,7 +8,6 @@ import pytest
 from media_server.app import SESSIONS
 from media_server.speech_corpus import espeak
 
-
 STORY = (
     "Once upon a time, a brave knight rode out to find the dragon of the northern hills. "
     "He crossed three rivers and a dark forest, and on the seventh day he reached the cave."

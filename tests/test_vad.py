@@ -7,7 +7,8 @@ import pytest
 
 from engines.embedded_models import SILERO_VAD_SHA256
 from engines.vad_silero import SileroVAD
-from tests.speech import espeak, resample
+from media_server.audio import resample
+from media_server.speech_corpus import espeak
 
 WINDOW = SileroVAD.window_samples
 
