@@ -41,6 +41,7 @@ class PlaybackEvent:
     kind: str  # "started" | "finished"
     turn: int
     at: float  # time.monotonic() when the tick's audio was handed to the audio track
+    longest_gap_s: float = 0.0  # with "finished": the longest stretch the pipeline left playback waiting
 
 
 class OutputTrack(MediaStreamTrack):
@@ -81,6 +82,9 @@ class AVTimeline:
         self.idle_stride = max(1, round(fps / (idle_fps or fps)))
         self.on_playback: Callable[[PlaybackEvent], None] = lambda event: None
         self.on_audio: Callable[[np.ndarray, bool], None] = lambda audio, speech: None
+        # Every tick's picture (BGR; None when idle video skipped the tick) and audio (float32 mono), for
+        # consumers other than the tracks (RTMP push).
+        self.on_frame: Callable[[np.ndarray | None, np.ndarray], None] = lambda picture, audio: None
         self.audio = OutputTrack("audio")
         self.video = OutputTrack("video")
         self.tick = 0
@@ -90,6 +94,8 @@ class AVTimeline:
         self._silence = np.zeros(self.samples_per_frame, dtype=np.float32)
         self._playing_turn: int | None = None
         self.paused = False
+        self._gap_ticks = 0
+        self._longest_gap_ticks = 0
         self._pending_pcm = np.zeros(0, dtype=np.int16)  # audio not yet a whole 20 ms packet
         self._audio_samples_sent = 0
 
@@ -109,8 +115,7 @@ class AVTimeline:
                 queued.last_of_turn = True
                 return
         if self._playing_turn == turn:
-            self._playing_turn = None
-            self.on_playback(PlaybackEvent("finished", turn, time.monotonic()))
+            self._finish(turn, time.monotonic())
 
     def clear(self) -> None:
         """Barge-in: drop every queued speech frame."""
@@ -155,18 +160,27 @@ class AVTimeline:
             if self.tick % self.idle_stride == 0:
                 picture = await loop.run_in_executor(self.lipsync_executor, self.lipsync.idle_frame)
         self._send(picture, audio)
+        self.on_frame(picture, audio)
         self.on_audio(audio, queued is not None)
         if queued is not None:
             self._report(queued)
+        elif self._playing_turn is not None and not self.paused:
+            self._gap_ticks += 1  # mid-reply, nothing rendered in time: a gap the listener hears
+            self._longest_gap_ticks = max(self._longest_gap_ticks, self._gap_ticks)
 
     def _report(self, queued: QueuedFrame) -> None:
         now = time.monotonic()
+        self._gap_ticks = 0
         if queued.first_of_turn or self._playing_turn != queued.turn:
             self._playing_turn = queued.turn
+            self._longest_gap_ticks = 0
             self.on_playback(PlaybackEvent("started", queued.turn, now))
         if queued.last_of_turn:
-            self._playing_turn = None
-            self.on_playback(PlaybackEvent("finished", queued.turn, now))
+            self._finish(queued.turn, now)
+
+    def _finish(self, turn: int, now: float) -> None:
+        self._playing_turn = None
+        self.on_playback(PlaybackEvent("finished", turn, now, self._longest_gap_ticks / self.fps))
 
     def _send(self, picture: np.ndarray | None, audio: np.ndarray) -> None:
         if picture is not None:

@@ -104,8 +104,8 @@ async def _ask(client: LoopbackClient, question: str, audio: np.ndarray, rate: i
     start = time.monotonic()
     client.microphone.say(audio, rate)
     transcript = await client.wait_for(lambda e: e.get("type") == "transcript" and e.get("final"), 60, start)
-    metrics = await client.wait_for(lambda e: e.get("type") == "metrics", 60, start)
-    await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", 90, start)
+    metrics = await client.wait_for(lambda e: e.get("type") == "metrics" and "latency_ms" in e, 60, start)
+    playback = await client.wait_for(lambda e: e.get("type") == "metrics" and "longest_gap_ms" in e, 90, start)
     speech_end = client.microphone.clip_ended[-1]
     heard = client.recording.first_loud_audio_after(speech_end)
     await asyncio.sleep(0.5)
@@ -114,6 +114,7 @@ async def _ask(client: LoopbackClient, question: str, audio: np.ndarray, rate: i
         "transcript": transcript["text"],
         "wer": word_error_rate(question, transcript["text"]),
         "server_ms": metrics["latency_ms"],
+        "longest_gap_ms": playback["longest_gap_ms"],
         "client_end_of_speech_to_audio_ms": round((heard - speech_end) * 1000, 1) if heard else None,
     }
 
@@ -162,6 +163,7 @@ def summarise(turns: list[dict[str, object]], idle: dict[str, float]) -> dict[st
         "turns": len(turns),
         "stages_from_end_of_speech_ms": stages,
         "client_end_of_speech_to_first_audio_ms": _percentiles(client_side),
+        "longest_gap_in_a_reply_ms": _percentiles([t["longest_gap_ms"] for t in turns]),
         "mean_wer": round(statistics.mean(t["wer"] for t in turns), 3),
         **idle,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -190,5 +192,7 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         print(f"{stage:<34}{values.get('p50', float('nan')):>10}{values.get('p95', float('nan')):>10}")
     client_side = summary["client_end_of_speech_to_first_audio_ms"]
     print(f"{'first audio heard by the client':<34}{client_side.get('p50', float('nan')):>10}{client_side.get('p95', float('nan')):>10}")
+    gaps = summary["longest_gap_in_a_reply_ms"]
+    print(f"{'longest gap inside a reply':<34}{gaps.get('p50', float('nan')):>10}{gaps.get('p95', float('nan')):>10}")
     for key in ("turns", "mean_wer", "server_rss_mb", "rss_per_idle_session_mb", "cpu_per_idle_session_pct_of_core"):
         print(f"{key}: {summary[key]}")

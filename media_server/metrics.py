@@ -29,6 +29,12 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.playback_gap = Histogram(
+            "facecast_playback_gap_seconds",
+            "Longest silence inside one reply caused by the pipeline falling behind playback",
+            buckets=(0.0, 0.04, 0.08, 0.15, 0.3, 0.5, 1.0, 2.0),
+            registry=self.registry,
+        )
         self.frames_sent = Counter("facecast_frames_sent", "Video frames sent", registry=self.registry)
         self.frames_dropped = Counter("facecast_frames_dropped", "Frames dropped by a stalled consumer", registry=self.registry)
         self.late_ticks = Counter("facecast_late_ticks", "Output ticks that ran late", registry=self.registry)

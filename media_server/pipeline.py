@@ -367,6 +367,8 @@ class Conversation:
             self.emit({"type": "metrics", "turn": turn.id, "latency_ms": latencies})
         else:
             self.metrics.turns.labels("completed").inc()
+            self.metrics.playback_gap.observe(event.longest_gap_s)
+            self.emit({"type": "metrics", "turn": turn.id, "longest_gap_ms": round(event.longest_gap_s * 1000, 1)})
             self.emit({"type": "state", "state": "listening"})
 
     def interrupt(self, reason: str, user_started: float | None = None) -> None:

@@ -306,7 +306,7 @@ function onReply(event) {
 
 function onMetrics({ turn, latency_ms: latency }) {
   const item = chat.replies.get(turn);
-  if (!item) return;
+  if (!item || !latency) return; // the end-of-reply metrics (longest_gap_ms) are not shown
   const parts = STAGES.filter(([key]) => key in latency).map(([key, name]) => `${name} ${seconds(latency[key])}`);
   const line = document.createElement("span");
   line.className = "msg-latency";
