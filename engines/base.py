@@ -184,8 +184,12 @@ class LipSyncStream(ABC):
         """Render every frame that the audio pushed so far allows, in order (may be empty)."""
 
     @abstractmethod
-    def idle_frame(self) -> np.ndarray:
-        """The next frame while nobody speaks: blinks and slight motion, continuous with speech frames."""
+    def idle_frame(self, elapsed_frames: int = 1) -> np.ndarray:
+        """A frame while nobody speaks (blinks, slight motion), continuous with speech frames.
+
+        ``elapsed_frames`` ticks of 1/fps have passed since the previous frame: idle video may run at a
+        lower frame rate than speech, and the animation must keep real time.
+        """
 
     @abstractmethod
     def clear(self) -> None:

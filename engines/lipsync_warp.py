@@ -544,10 +544,12 @@ class WarpLipSyncStream(LipSyncStream):
         with self._lock:
             return self._render_ready()
 
-    def idle_frame(self) -> np.ndarray:
+    def idle_frame(self, elapsed_frames: int = 1) -> np.ndarray:
         with self._lock:
-            self._openness -= self._openness * self._release
-            self._shape -= self._shape * self._release
+            keep = (1.0 - self._release) ** elapsed_frames
+            self._openness *= keep
+            self._shape *= keep
+            self._tick += elapsed_frames - 1
             return self._render()
 
     def clear(self) -> None:

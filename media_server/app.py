@@ -1,4 +1,7 @@
-"""The HTTP side: WebRTC signalling, session control, health, metrics and the pages."""
+"""The HTTP side: WebRTC signalling, session control, health, metrics and the pages.
+
+Broadcast sessions and their API live in broadcast.py, WHEP in whep.py, who may call what in access.py.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,25 @@ from aiohttp import web
 from aiortc import RTCSessionDescription
 
 from engines.avatar import AvatarError
+from media_server.access import access_middleware, json_error
+from media_server.app_state import (
+    AVATAR_MASKS,
+    BROADCASTS,
+    METRICS,
+    RUNTIME,
+    SESSIONS,
+    choices_from,
+    refusal_when_full,
+    update_session_gauge,
+)
+from media_server.broadcast import add_broadcast_routes
 from media_server.metrics import ServerMetrics
 from media_server.runtime import Runtime
+from media_server.segmentation import mask_png
 from media_server.session import Session
+from media_server.whep import add_whep_routes
 
 log = logging.getLogger(__name__)
-RUNTIME = web.AppKey("runtime", Runtime)
-SESSIONS = web.AppKey("sessions", dict)
-METRICS = web.AppKey("metrics", ServerMetrics)
-RETRY_AFTER_S = 10
-
-
-def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
 
 @web.middleware
@@ -42,14 +51,6 @@ async def errors_as_json(request: web.Request, handler: Callable[[web.Request], 
         return json_error(500, "internal", "internal server error; the server log has the details")
 
 
-def _choice(requested: object, available: list[str], kind: str, default: str) -> str:
-    if requested is None:
-        return default
-    if not isinstance(requested, str) or requested not in available:
-        raise web.HTTPNotFound(text=f"unknown {kind} {requested!r}; available: {', '.join(available)}")
-    return requested
-
-
 async def _read_offer(request: web.Request) -> dict[str, object]:
     try:
         body = await request.json()
@@ -65,31 +66,25 @@ async def _read_offer(request: web.Request) -> dict[str, object]:
 async def offer(request: web.Request) -> web.Response:
     runtime, sessions = request.app[RUNTIME], request.app[SESSIONS]
     body = await _read_offer(request)
-    server = runtime.settings.server
-    avatar_name = _choice(body.get("avatar"), runtime.avatars.names(), "avatar", server.default_avatar)
-    persona_name = _choice(body.get("persona"), list(runtime.personas), "persona", server.default_persona)
-    voice = _choice(body.get("voice"), runtime.engines.tts.voices, "voice", runtime.voice_for(persona_name))
-    if len(sessions) >= server.max_sessions:
-        return json_error(
-            503, "server_full", f"all {server.max_sessions} sessions are in use; try again shortly",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+    chosen = choices_from(body, runtime)
+    if (full := refusal_when_full(request.app)) is not None:
+        return full
     try:
-        avatar = await asyncio.to_thread(runtime.avatars.get, avatar_name)
+        avatar = await asyncio.to_thread(runtime.avatars.get, chosen.avatar)
         await asyncio.to_thread(runtime.engines.lipsync.prepare, avatar)
     except AvatarError as error:
-        return json_error(422, "bad_avatar", f"avatar {avatar_name!r} cannot be used: {error}")
+        return json_error(422, "bad_avatar", f"avatar {chosen.avatar!r} cannot be used: {error}")
     session = Session(
         settings=runtime.settings,
         engines=runtime.engines,
         metrics=request.app[METRICS],
         avatar=avatar,
-        persona=runtime.personas[persona_name],
-        voice=voice,
+        persona=runtime.personas[chosen.persona],
+        voice=chosen.voice,
         on_closed=lambda s: _forget(request.app, s),
     )
     sessions[session.id] = session
-    request.app[METRICS].sessions.set(len(sessions))
+    update_session_gauge(request.app)
     request.app[METRICS].sessions_total.inc()
     try:
         answer = await session.accept(RTCSessionDescription(sdp=body["sdp"], type="offer"))
@@ -101,7 +96,7 @@ async def offer(request: web.Request) -> web.Response:
 
 def _forget(app: web.Application, session: Session) -> None:
     app[SESSIONS].pop(session.id, None)
-    app[METRICS].sessions.set(len(app[SESSIONS]))
+    update_session_gauge(app)
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -113,7 +108,7 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "sessions": len(request.app[SESSIONS])})
+    return web.json_response({"status": "ok", "sessions": len(request.app[SESSIONS]), "broadcasts": len(request.app[BROADCASTS])})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -130,8 +125,24 @@ async def options(request: web.Request) -> web.Response:
             "voices": runtime.engines.tts.voices,
             "defaults": {"avatar": server.default_avatar, "persona": server.default_persona},
             "ice_servers": [s.model_dump(exclude_none=True) for s in server.ice_servers],
+            "ice_transport_policy": "relay" if server.relay_only else "all",
         }
     )
+
+
+async def avatar_mask(request: web.Request) -> web.Response:
+    """The avatar cut out from its background (PNG, white with the person as alpha), for /obs backdrops."""
+    runtime, masks = request.app[RUNTIME], request.app[AVATAR_MASKS]
+    name = request.match_info["name"]
+    if name not in runtime.avatars.names():
+        raise web.HTTPNotFound(text=f"unknown avatar {name!r}; available: {', '.join(runtime.avatars.names())}")
+    if name not in masks:
+        try:
+            avatar = await asyncio.to_thread(runtime.avatars.get, name)
+        except AvatarError as error:
+            return json_error(422, "bad_avatar", f"avatar {name!r} cannot be used: {error}")
+        masks[name] = await asyncio.to_thread(mask_png, avatar)
+    return web.Response(body=masks[name], content_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
 
 def _page(name: str) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
@@ -146,17 +157,25 @@ async def _close_sessions(app: web.Application) -> None:
 
 
 def create_app(runtime: Runtime) -> web.Application:
-    app = web.Application(client_max_size=runtime.settings.server.max_body_bytes, middlewares=[errors_as_json])
+    server = runtime.settings.server
+    app = web.Application(client_max_size=server.max_body_bytes, middlewares=[access_middleware(server), errors_as_json])
     app[RUNTIME] = runtime
     app[SESSIONS] = {}
     app[METRICS] = ServerMetrics()
+    app[AVATAR_MASKS] = {}
     app.router.add_post("/offer", offer)
     app.router.add_delete("/sessions/{session_id}", delete_session)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/options", options)
+    app.router.add_get("/api/avatars/{name}/mask.png", avatar_mask)
+    add_broadcast_routes(app)
+    add_whep_routes(app)
     app.router.add_get("/", _page("index.html"))
-    app.router.add_static("/static/", runtime.settings.server.static_dir)
+    app.router.add_get("/kiosk", _page("kiosk.html"))
+    app.router.add_get("/obs", _page("obs.html"))
+    app.router.add_get("/embed.js", _page("embed.js"))
+    app.router.add_static("/static/", server.static_dir)
     app.on_shutdown.append(_close_sessions)
     return app
 

@@ -96,6 +96,7 @@ class AVTimeline:
         self.paused = False
         self._gap_ticks = 0
         self._longest_gap_ticks = 0
+        self._last_picture_tick = -1
         self._pending_pcm = np.zeros(0, dtype=np.int16)  # audio not yet a whole 20 ms packet
         self._audio_samples_sent = 0
 
@@ -158,7 +159,8 @@ class AVTimeline:
             # Idle video runs at a lower rate: encoding every frame is most of an idle session's cost.
             picture = None
             if self.tick % self.idle_stride == 0:
-                picture = await loop.run_in_executor(self.lipsync_executor, self.lipsync.idle_frame)
+                elapsed = self.tick - self._last_picture_tick
+                picture = await loop.run_in_executor(self.lipsync_executor, self.lipsync.idle_frame, elapsed)
         self._send(picture, audio)
         self.on_frame(picture, audio)
         self.on_audio(audio, queued is not None)
@@ -184,6 +186,7 @@ class AVTimeline:
 
     def _send(self, picture: np.ndarray | None, audio: np.ndarray) -> None:
         if picture is not None:
+            self._last_picture_tick = self.tick
             video_frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
             video_frame.pts = self.tick * VIDEO_CLOCK_RATE // self.fps
             video_frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 import av
+import numpy as np
 
 from engines.avatar import (
     IMAGE_SUFFIXES,
@@ -119,27 +120,25 @@ def _check_source(source: Path) -> None:
         raise AvatarError(f"{source.name} is {width}x{height}; at most {MAX_DIMENSION} pixels per side, please")
 
 
-def _detect_faces(frames: list, progress: Progress) -> list[FaceBox]:
-    """One face box per frame; a video may miss the face in a few frames, which borrow the nearest one."""
-    found: list[FaceBox | None] = []
+def _detect_faces(frames: list[np.ndarray], progress: Progress) -> list[FaceBox]:
+    """One face box per frame; a video may miss the face in a few frames, which borrow the nearest one's."""
+    found: dict[int, FaceBox] = {}
     for index, frame in enumerate(frames):
         try:
-            found.append(detect_face(frame))
+            found[index] = detect_face(frame)
         except AvatarError as error:
-            if len(frames) == 1 or "no face" not in str(error):
+            if len(frames) == 1 or not str(error).startswith("no face"):
                 where = "" if len(frames) == 1 else f"frame {index}: "
                 raise AvatarError(f"{where}{error}") from None
-            found.append(None)
         progress.advance()
     progress.close()
-    detected = [i for i, box in enumerate(found) if box is not None]
-    missed = len(frames) - len(detected)
+    missed = len(frames) - len(found)
     if missed > MAX_MISSED_FRACTION * len(frames):
         raise AvatarError(
             f"no face found in {missed} of {len(frames)} frames: use a video where one face is visible, frontal and "
             "well lit throughout"
         )
-    return [box if box is not None else found[min(detected, key=lambda j: abs(j - i))] for i, box in enumerate(found)]  # type: ignore[misc]
+    return [found[min(found, key=lambda detected: abs(detected - index))] for index in range(len(frames))]
 
 
 def _sha256(path: Path) -> str:

@@ -62,13 +62,15 @@ def _peak_rss_mb() -> float:
 
 
 def _model(options: dict[str, object]) -> tuple[Wav2LipGenerator, str]:
-    checkpoint = options.get("checkpoint")
-    if checkpoint and Path(str(checkpoint)).is_file():
-        return load_checkpoint(Path(str(checkpoint))), f"checkpoint {checkpoint}"
+    from engines.lipsync_wav2lip import DEFAULT_CHECKPOINT
+
+    checkpoint = Path(str(options.get("checkpoint") or DEFAULT_CHECKPOINT)).expanduser()
+    if checkpoint.is_file():
+        return load_checkpoint(checkpoint), f"checkpoint {checkpoint}"
     model = Wav2LipGenerator()
     model.load_state_dict(deterministic_state_dict(CONFORMANCE_WEIGHTS))
     # Speed does not depend on the weights' values; int8 PSNR does, so it is only indicative without a checkpoint.
-    return model.eval(), "deterministic conformance weights (no lipsync.checkpoint file): PSNR indicative only"
+    return model.eval(), f"deterministic conformance weights ({checkpoint} not found): int8 PSNR indicative only"
 
 
 def _faces(settings: Settings) -> np.ndarray:
@@ -76,7 +78,9 @@ def _faces(settings: Settings) -> np.ndarray:
     return face_inputs(jittered_face_crops(avatar.frames[0], avatar.face_boxes[0], AVATAR_CROPS, seed=0))
 
 
-def _time_round(backends: dict[str, Wav2LipBackend], features: dict[str, object], mels: np.ndarray, index: np.ndarray) -> dict[str, float]:
+def _time_round(
+    backends: dict[str, Wav2LipBackend], features: dict[str, object], mels: np.ndarray, index: np.ndarray
+) -> dict[str, float]:
     seconds = {}
     for name, backend in backends.items():
         start = time.perf_counter()
@@ -117,7 +121,12 @@ def _psnr_db(reference: np.ndarray, other: np.ndarray) -> float:
 def _int8_psnr(backends: dict[str, Wav2LipBackend], features: dict[str, object], mels: np.ndarray) -> float:
     index = np.arange(len(mels)) % AVATAR_CROPS
     outputs = {
-        name: np.concatenate([backends[name].generate(mels[i : i + 16], features[name], index[i : i + 16]) for i in range(0, len(mels), 16)])
+        name: np.concatenate(
+            [
+                backends[name].generate(mels[i : i + 16], features[name], index[i : i + 16])
+                for i in range(0, len(mels), 16)
+            ]
+        )
         for name in ("onnx", "onnx-int8")
     }
     return _psnr_db(outputs["onnx"], outputs["onnx-int8"])
@@ -126,11 +135,10 @@ def _int8_psnr(backends: dict[str, Wav2LipBackend], features: dict[str, object],
 def run(settings: Settings, seconds: float) -> dict[str, object]:
     options = settings.lipsync.options
     threads = int(options.get("threads", 2))
-    cache_dir = Path(str(options["cache_dir"])) if options.get("cache_dir") else None
     torch.set_num_threads(threads)
     model, weights = _model(options)
     faces, mels = _faces(settings), speech_mel_windows(SPEECH)
-    backends = {name: create_backend(name, model, "cpu", threads=threads, cache_dir=cache_dir) for name in BACKENDS}
+    backends = {name: create_backend(name, model, "cpu", threads=threads) for name in BACKENDS}
     features = {name: backend.encode_faces(faces) for name, backend in backends.items()}
     load_before = _load_average()
     times = {batch: _measure_batch(backends, features, mels, batch, seconds) for batch in BATCH_SIZES}
@@ -141,6 +149,10 @@ def run(settings: Settings, seconds: float) -> dict[str, object]:
     feature_bytes = sum(array[0].nbytes for array in features["onnx"])
     return {
         "weights": weights,
+        "runtimes": {
+            name: str(backend.describe().get("runtime", f"torch {torch.__version__} eager"))
+            for name, backend in backends.items()
+        },
         "threads": threads,
         "cpu_count": os.cpu_count(),
         "load_average_before": load_before,
@@ -165,25 +177,38 @@ def _print_table(summary: dict[str, object]) -> None:
     header = f"{'batch':>5}" + "".join(f"{name:>24}" for name in BACKENDS)
     print("Wav2Lip generator, one stream: frames/s (ratio to eager float32 PyTorch at the same batch)")
     print(f"weights: {summary['weights']}")
-    print(f"threads: {summary['threads']} of {summary['cpu_count']} cores; load average before "
-          f"{summary['load_average_before']}, after {summary['load_average_after']}")
+    print("runtimes: " + ", ".join(f"{name} = {runtime}" for name, runtime in summary["runtimes"].items()))
+    print(
+        f"threads: {summary['threads']} of {summary['cpu_count']} cores; load average before "
+        f"{summary['load_average_before']}, after {summary['load_average_after']}"
+    )
     print(header)
     for batch in BATCH_SIZES:
         row = {cell.backend: cell for cell in cells if cell.batch == batch}
-        print(f"{batch:>5}" + "".join(f"{row[name].fps:>14.1f} ({row[name].ratio_to_torch:4.2f}x)" for name in BACKENDS))
+        print(
+            f"{batch:>5}" + "".join(f"{row[name].fps:>14.1f} ({row[name].ratio_to_torch:4.2f}x)" for name in BACKENDS)
+        )
     best, torch_best = Cell(**summary["best"]), Cell(**summary["torch_best"])
     verdict = "met" if summary["target_met"] else "NOT met"
-    print(f"best: {best.backend} at batch {best.batch}: {best.fps:.1f} frames/s = "
-          f"{summary['best_ratio_to_torch_best']:.2f}x eager float32's best ({torch_best.fps:.1f} at batch "
-          f"{torch_best.batch}); target {TARGET_RATIO}x {verdict}")
-    print("generator time of a reply's first frame (batch 1): "
-          + ", ".join(f"{name} {ms:.0f} ms" for name, ms in summary["first_frame_ms"].items()))
+    print(
+        f"best: {best.backend} at batch {best.batch}: {best.fps:.1f} frames/s = "
+        f"{summary['best_ratio_to_torch_best']:.2f}x eager float32's best ({torch_best.fps:.1f} at batch "
+        f"{torch_best.batch}); target {TARGET_RATIO}x {verdict}"
+    )
+    print(
+        "generator time of a reply's first frame (batch 1): "
+        + ", ".join(f"{name} {ms:.0f} ms" for name, ms in summary["first_frame_ms"].items())
+    )
     print(f"int8 vs float32 output on {summary['speech_frames']} speech frames: PSNR {summary['int8_psnr_db']:.1f} dB")
     per_frame = summary["face_features_bytes_per_avatar_frame"]
-    print(f"avatar cache: {per_frame / 2**20:.2f} MiB of face features per avatar frame "
-          f"(a photo: 1 frame; a 10 s video loop at 25 fps: {250 * per_frame / 2**20:.0f} MiB)")
-    print(f"sessions speaking at once at {REAL_TIME_FPS} fps: {summary['sessions_at_25_fps']} "
-          f"(best frames/s / {REAL_TIME_FPS}, with nothing else running)")
+    print(
+        f"avatar cache: {per_frame / 2**20:.2f} MiB of face features per avatar frame "
+        f"(a photo: 1 frame; a 10 s video loop at 25 fps: {250 * per_frame / 2**20:.0f} MiB)"
+    )
+    print(
+        f"sessions speaking at once at {REAL_TIME_FPS} fps: {summary['sessions_at_25_fps']} "
+        f"(best frames/s / {REAL_TIME_FPS}, with nothing else running)"
+    )
     print(f"peak process memory: {summary['peak_rss_mb']:.0f} MB (three backends loaded)")
 
 

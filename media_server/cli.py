@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import ssl
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from engines.registry import EngineConfigError
-from media_server.config import ConfigError, Settings, load_settings
+from media_server.config import ConfigError, ServerSettings, Settings, load_settings
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, str]:
@@ -28,7 +31,22 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["server.host"] = args.host
     if getattr(args, "port", None) is not None:
         overrides["server.port"] = str(args.port)
+    for flag, key in (("tls_cert", "server.tls_cert"), ("tls_key", "server.tls_key"), ("rtmp", "broadcast.rtmp_url")):
+        if getattr(args, flag, None):
+            overrides[key] = str(getattr(args, flag))
     return load_settings(args.config, overrides)
+
+
+def tls_context(server: ServerSettings) -> ssl.SSLContext | None:
+    """The server's TLS context when server.tls_cert and server.tls_key are set, else None (plain HTTP)."""
+    if server.tls_cert is None or server.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(server.tls_cert, server.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"server.tls_cert/tls_key: cannot load {server.tls_cert} and {server.tls_key}: {error}") from error
+    return context
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -38,9 +56,12 @@ def _serve(args: argparse.Namespace) -> None:
     from media_server.runtime import Runtime
 
     settings = _settings(args)
+    server = settings.server
+    context = tls_context(server)
     runtime = Runtime.load(settings)
-    print(f"Facecast ready: open http://{settings.server.host}:{settings.server.port}/", flush=True)
-    web.run_app(create_app(runtime), host=settings.server.host, port=settings.server.port, print=None)
+    scheme = "https" if context else "http"
+    print(f"Facecast ready: open {scheme}://{server.host}:{server.port}/", flush=True)
+    web.run_app(create_app(runtime), host=server.host, port=server.port, ssl_context=context, print=None)
 
 
 def _doctor(args: argparse.Namespace) -> None:
@@ -49,10 +70,21 @@ def _doctor(args: argparse.Namespace) -> None:
     print(json.dumps(report(_settings(args)), indent=2, default=str))
 
 
-def _bench(args: argparse.Namespace) -> None:
-    from media_server import bench
+def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
+    """A sub-command whose work lives in ``media_server.<module>.main(args, settings)``, imported only when run."""
 
-    bench.main(args, _settings(args))
+    def run(args: argparse.Namespace) -> None:
+        importlib.import_module(f"media_server.{module}").main(args, _settings(args))
+
+    return run
+
+
+# Sub-commands that configure their own arguments: name, module, help.
+TOOL_COMMANDS = (
+    ("avatars", "avatars_cli", "add avatars from a photo or a short video"),
+    ("render", "render", "write an MP4 of an avatar speaking an audio file"),
+    ("models", "models_cli", "download models Facecast cannot ship (run by hand, on a connected machine)"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) to serve HTTPS; with --tls-key")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    serve.add_argument("--rtmp", metavar="URL", help="start the default broadcast session and push it to this RTMP URL")
     serve.set_defaults(run=_serve)
     doctor = commands.add_parser("doctor", help="report engines, models, devices and codecs")
     doctor.set_defaults(run=_doctor)
@@ -71,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["turn"])
     bench.add_argument("-n", type=int, default=12, help="questions to ask")
     bench.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
-    bench.set_defaults(run=_bench)
+    bench.set_defaults(run=_module_command("bench"))
+    for name, module, help_text in TOOL_COMMANDS:
+        tool = commands.add_parser(name, help=help_text)
+        importlib.import_module(f"media_server.{module}").configure_parser(tool)
+        tool.set_defaults(run=_module_command(module))
     return parser
 
 

@@ -138,6 +138,15 @@ class PersonaSettings(Strict):
     voice: str | None = None
 
 
+class ModelDownload(Strict):
+    """A model `facecast models fetch NAME` downloads on request (never at run time)."""
+
+    url: str
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+    path: Path  # relative paths are under the project folder
+    licence: str
+
+
 class Settings(Strict):
     server: ServerSettings = ServerSettings()
     media: MediaSettings = MediaSettings()
@@ -150,6 +159,7 @@ class Settings(Strict):
     lipsync: StageSettings
     enhancer: StageSettings | None = None
     personas: dict[str, PersonaSettings]
+    models: dict[str, ModelDownload] = {}
 
     @model_validator(mode="after")
     def _default_persona_exists(self) -> Settings:

@@ -1,7 +1,8 @@
 """A real aiortc peer that talks to a Facecast server the way a browser does.
 
 The tests and ``facecast bench`` use it: it sends speech as its microphone (real time, 20 ms
-Opus frames), sends and receives `events`, and records the avatar's audio and video.
+Opus frames), sends and receives `events`, and records the avatar's audio and video. With
+``microphone=False`` it only receives; ``watch`` attaches it to a broadcast session over WHEP.
 """
 
 from __future__ import annotations
@@ -105,8 +106,17 @@ class Recording:
 
 
 class LoopbackClient:
-    def __init__(self, base_url: str, *, keep_video: bool = True, echo_gain: float = 0.0, echo_delay_s: float = 0.15) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        keep_video: bool = True,
+        echo_gain: float = 0.0,
+        echo_delay_s: float = 0.15,
+        microphone: bool = True,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.sends_microphone = microphone
         self.keep_video = keep_video
         self.echo_gain = echo_gain
         self.pc = RTCPeerConnection()
@@ -116,18 +126,25 @@ class LoopbackClient:
         self.recording = Recording()
         self.events: list[tuple[float, dict]] = []
         self.session_id: str | None = None
+        self.whep_resource: str | None = None  # the viewer's URL, after watch()
         self._channel = None
         self._opened = asyncio.Event()
         self._new_event = asyncio.Event()
         self._readers: list[asyncio.Task[None]] = []
 
-    async def connect(self, **choices: str) -> None:
-        self.pc.addTrack(self.microphone)
+    def _prepare_offer(self) -> None:
+        if self.sends_microphone:
+            self.pc.addTrack(self.microphone)
+        else:
+            self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
         self._channel = self.pc.createDataChannel("events")
         self._channel.on("open", self._opened.set)
         self._channel.on("message", self._on_message)
         self.pc.on("track", self._on_track)
+
+    async def connect(self, **choices: str) -> None:
+        self._prepare_offer()
         await self.pc.setLocalDescription(await self.pc.createOffer())
         body = {"sdp": self.pc.localDescription.sdp, "type": "offer", **choices}
         async with aiohttp.ClientSession() as http, http.post(f"{self.base_url}/offer", json=body) as response:
@@ -136,6 +153,22 @@ class LoopbackClient:
                 raise RuntimeError(f"offer refused ({response.status}): {answer}")
         self.session_id = answer["session_id"]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        await asyncio.wait_for(self._opened.wait(), 20)
+
+    async def watch(self, broadcast_id: str | None = None) -> None:
+        """Attach as a receive-only WHEP viewer of a broadcast session (the server's default one if None)."""
+        self.sends_microphone = False
+        self._prepare_offer()
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        url = f"{self.base_url}/whep" + (f"/{broadcast_id}" if broadcast_id else "")
+        headers = {"Content-Type": "application/sdp"}
+        async with aiohttp.ClientSession() as http, http.post(url, data=self.pc.localDescription.sdp, headers=headers) as response:
+            answer = await response.text()
+            if response.status != 201:
+                raise RuntimeError(f"WHEP offer refused ({response.status}): {answer}")
+            self.whep_resource = response.headers["Location"]
+        self.session_id = broadcast_id
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         await asyncio.wait_for(self._opened.wait(), 20)
 
     def _on_message(self, message: str) -> None:

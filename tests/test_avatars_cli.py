@@ -20,8 +20,9 @@ from media_server.config import load_settings
 PORTRAIT = Path(__file__).resolve().parents[1] / "avatars" / "default" / "portrait.jpg"
 
 
-def write_video(path: Path, shifts: list[int], fps: int = 25) -> None:
-    """The default portrait moved ``shifts[k]`` pixels to the right in frame k, as H.264 in an MP4."""
+def write_video(path: Path, shifts: list[int], fps: int = 25, blank: frozenset[int] = frozenset()) -> None:
+    """The default portrait moved ``shifts[k]`` pixels to the right in frame k (plain gray in the frames
+    listed in ``blank``), as H.264 in an MP4."""
     portrait = cv2.imread(str(PORTRAIT))
     height, width = portrait.shape[:2]
     with av.open(str(path), "w") as container:
@@ -32,6 +33,8 @@ def write_video(path: Path, shifts: list[int], fps: int = 25) -> None:
             moved = cv2.warpAffine(
                 portrait, np.float32([[1, 0, shift], [0, 1, 0]]), (width, height), borderMode=cv2.BORDER_REPLICATE
             )
+            if k in blank:
+                moved = np.full_like(moved, 128)
             frame = av.VideoFrame.from_ndarray(moved, format="bgr24")
             frame.pts = k
             container.mux(stream.encode(frame))
@@ -79,6 +82,17 @@ def test_a_video_becomes_a_looping_avatar_with_smoothed_boxes(root: Path, tmp_pa
     centres = [box.center[0] for box in avatar.face_boxes]
     assert all(b >= a for a, b in zip(centres, centres[1:])) and 8 <= centres[-1] - centres[0] <= 20
     assert "5/5" in progress.getvalue()
+
+
+def test_a_video_may_lose_the_face_in_a_few_frames_but_not_in_many(root: Path, tmp_path: Path) -> None:
+    few, many = tmp_path / "few.mp4", tmp_path / "many.mp4"
+    write_video(few, [0] * 12, blank=frozenset({5}))
+    avatar = load_avatar(avatars_cli.add_avatar(root, "few", few, progress_stream=io.StringIO()))
+    assert len(avatar.frames) == 12 and avatar.face_boxes[5] == avatar.face_boxes[4]
+    write_video(many, [0] * 12, blank=frozenset({2, 5, 8}))
+    with pytest.raises(AvatarError, match="no face found in 3 of 12 frames"):
+        avatars_cli.add_avatar(root, "many", many, progress_stream=io.StringIO())
+    assert entries(root) == ["few"]
 
 
 def test_replace_swaps_the_avatar_in_one_step(root: Path, tmp_path: Path) -> None:

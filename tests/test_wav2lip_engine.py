@@ -97,7 +97,7 @@ def test_streaming_output_equals_offline_output(
     frames: list[AVFrame] = []
     pushed = 0
     while pushed < len(speech):
-        piece = speech[pushed : pushed + int(rng.integers(1, 4000))]
+        piece = speech[pushed : pushed + int(rng.integers(1, 12000))]
         stream.push_audio(piece)
         pushed += len(piece)
         frames += stream.pull()
@@ -300,20 +300,25 @@ async def test_checkpoint_drives_a_live_session_whose_mouth_moves_with_the_audio
         speaking_at = next(at for at, e in client.events if e is speaking)
         await client.wait_for(is_state("listening"), timeout=120, after=speaking_at)
         listening_at = time.monotonic()
+        await asyncio.sleep(2.0)
     finally:
         with contextlib.suppress(Exception):
             await client.close()
     reply_audio = client.recording.audio_between(speaking_at, listening_at)
     assert np.sqrt(np.mean(reply_audio**2)) > 0.02
+    pts = [f.pts for f in client.recording.video if speaking_at <= f.at < listening_at]
+    assert np.median(np.diff(pts)) == 90000 // FPS
 
     avatar = runtime.avatars.get("default")
-    idle = mouth_series(client, avatar, idle_end - 2.0, idle_end)
+    before = mouth_series(client, avatar, idle_end - 2.0, idle_end).mean(axis=0)
     spoken = mouth_series(client, avatar, speaking_at, listening_at)
-    assert len(idle) >= 5 and len(spoken) >= 20  # idle video may run at a lower frame rate
-    idle_steps = [np.abs(a - b).mean() for a, b in zip(idle, idle[1:])]
-    spoken_steps = [np.abs(a - b).mean() for a, b in zip(spoken, spoken[1:])]
-    assert np.mean(spoken_steps) > 2 * max(np.mean(idle_steps), 0.2)
-    assert np.abs(spoken.mean(axis=0) - idle.mean(axis=0)).mean() > 4.0  # the network's mouth, not the photo's
+    after = mouth_series(client, avatar, listening_at + 0.5, listening_at + 2.0).mean(axis=0)
+    assert len(spoken) >= 20
+    # while it speaks the mouth is the network's (on the deterministic weights, a noise texture) ...
+    speaking_change = np.abs(spoken.mean(axis=0) - before).mean()
+    assert speaking_change > 4.0
+    # ... and once the audio stops, the avatar's own mouth is back (up to video coding noise)
+    assert np.abs(after - before).mean() < 0.25 * speaking_change
 
 
 # --- facecast models fetch (never run against the network in tests) ---------------------------------
