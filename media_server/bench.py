@@ -28,6 +28,10 @@ from media_server.speech_corpus import QUESTIONS, espeak, word_error_rate
 
 STAGES = ("transcript", "first_token", "first_tts_audio", "first_lipsync_frame", "first_audio_sent")
 IDLE_SESSIONS = 3
+INTERRUPTED_STORY = (
+    "Let me tell you a long story. Once upon a time, a brave knight rode out to find the dragon of the "
+    "northern hills, and he crossed three rivers and a dark forest before he reached its cave."
+)
 IDLE_MEASURE_S = 10.0
 
 
@@ -38,12 +42,12 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, extra_settings: list[str]) -> None:
         self.port = _free_port()
         command = [sys.executable, "-m", "media_server"]
         if args.config:
             command += ["--config", str(args.config)]
-        for pair in args.set:
+        for pair in [*args.set, *extra_settings]:
             command += ["--set", pair]
         command += ["--set", f"server.max_sessions={IDLE_SESSIONS + 2}", "serve", "--port", str(self.port)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -170,29 +174,76 @@ def summarise(turns: list[dict[str, object]], idle: dict[str, float]) -> dict[st
     }
 
 
+async def _barge_ins(server: ServerProcess, count: int) -> list[float]:
+    """Interrupt a long verbatim reply ``count`` times; the server says how long its audio went on."""
+    client = LoopbackClient(server.url, keep_video=False)
+    await client.connect()
+    interruption, rate = espeak("Wait, stop please.", "en-us", 170)
+    stopped_after = []
+    try:
+        for _ in range(count):
+            start = time.monotonic()
+            client.send({"type": "say", "text": INTERRUPTED_STORY})
+            await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", 60, start)
+            await asyncio.sleep(1.0)
+            client.microphone.say(interruption, rate)
+            event = await client.wait_for(lambda e: e.get("type") == "interrupted", 30, start)
+            stopped_after.append(event["stopped_after_ms"])
+            await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", 60, start)
+            await asyncio.sleep(2.5)  # let the interruption's own turn pass
+    finally:
+        await client.close()
+    return stopped_after
+
+
+def _run_configuration(args: argparse.Namespace, extra: list[str], clips: list, with_idle: bool) -> dict[str, object]:
+    server = ServerProcess(args, extra)
+    try:
+        server.wait_ready()
+        idle = asyncio.run(_idle_cost(server)) if with_idle else {}
+        turns = asyncio.run(_run_turns(server, clips))
+        barge_ins = asyncio.run(_barge_ins(server, args.barge_ins)) if with_idle else []
+    finally:
+        server.stop()
+    summary = summarise(turns, idle)
+    if barge_ins:
+        summary["barge_in_stopped_after_ms"] = _percentiles(barge_ins)
+    return {"summary": summary, "turns": turns}
+
+
+def _print_summary(summary: dict[str, object]) -> None:
+    print(f"{'stage (from end of user speech)':<34}{'p50 ms':>10}{'p95 ms':>10}")
+    rows = dict(summary["stages_from_end_of_speech_ms"])
+    rows["first audio heard by the client"] = summary["client_end_of_speech_to_first_audio_ms"]
+    rows["longest gap inside a reply"] = summary["longest_gap_in_a_reply_ms"]
+    if "barge_in_stopped_after_ms" in summary:
+        rows["barge-in: avatar silent after"] = summary["barge_in_stopped_after_ms"]
+    for stage, values in rows.items():
+        print(f"{stage:<34}{values.get('p50', float('nan')):>10}{values.get('p95', float('nan')):>10}")
+    for key in ("turns", "mean_wer", "server_rss_mb", "rss_per_idle_session_mb", "cpu_per_idle_session_pct_of_core"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
+
+
 def main(args: argparse.Namespace, settings: Settings) -> None:
     tts = create_engine("tts", settings.tts.engine, settings.tts.options)
     try:
         clips = _voices(tts, args.n)
     finally:
         tts.close()
-    server = ServerProcess(args)
-    try:
-        server.wait_ready()
-        idle = asyncio.run(_idle_cost(server))
-        turns = asyncio.run(_run_turns(server, clips))
-    finally:
-        server.stop()
-    summary = summarise(turns, idle)
+    results = {"default": _run_configuration(args, [], clips, with_idle=True)}
+    for variant in args.variant:
+        results[variant] = _run_configuration(args, variant.split(","), clips, with_idle=False)
     if args.json:
-        print(json.dumps({"summary": summary, "turns": turns}))
+        print(json.dumps(results))
         return
-    print(f"{'stage (from end of user speech)':<34}{'p50 ms':>10}{'p95 ms':>10}")
-    for stage, values in summary["stages_from_end_of_speech_ms"].items():
-        print(f"{stage:<34}{values.get('p50', float('nan')):>10}{values.get('p95', float('nan')):>10}")
-    client_side = summary["client_end_of_speech_to_first_audio_ms"]
-    print(f"{'first audio heard by the client':<34}{client_side.get('p50', float('nan')):>10}{client_side.get('p95', float('nan')):>10}")
-    gaps = summary["longest_gap_in_a_reply_ms"]
-    print(f"{'longest gap inside a reply':<34}{gaps.get('p50', float('nan')):>10}{gaps.get('p95', float('nan')):>10}")
-    for key in ("turns", "mean_wer", "server_rss_mb", "rss_per_idle_session_mb", "cpu_per_idle_session_pct_of_core"):
-        print(f"{key}: {summary[key]}")
+    for name, result in results.items():
+        print(f"\n== {name} ==")
+        _print_summary(result["summary"])
+    if args.variant:
+        base = results["default"]["summary"]["stages_from_end_of_speech_ms"]["first_audio_sent"]["p50"]
+        print("\nfirst audio sent, p50, against the default configuration (same clips, same run):")
+        for name, result in results.items():
+            p50 = result["summary"]["stages_from_end_of_speech_ms"]["first_audio_sent"]["p50"]
+            wer = result["summary"]["mean_wer"]
+            print(f"  {name:<50}{p50:>8} ms  x{p50 / base:.2f}  mean WER {wer}")

@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["turn"])
     bench.add_argument("-n", type=int, default=12, help="questions to ask")
     bench.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
+    bench.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also run these settings on the same questions, for a side-by-side comparison (repeatable)",
+    )
+    bench.add_argument("--barge-ins", type=int, default=10, help="interruptions to measure")
     bench.set_defaults(run=_module_command("bench"))
     for name, module, help_text in TOOL_COMMANDS:
         tool = commands.add_parser(name, help=help_text)
