@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, SpeechChunk
+from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, PhonemeTiming
 from media_server.audio import MicrophoneResampler, resample
 from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
 from media_server.chunker import SpeechChunker
@@ -29,6 +29,7 @@ from media_server.turn_policy import TurnEvent, TurnEventKind, TurnPolicy
 log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, object]], None]
 MIN_PARTIAL_SECONDS = 0.6
+LIPSYNC_PIECE_S = 0.2
 
 
 @dataclass
@@ -309,17 +310,21 @@ class Conversation:
             speech = iterate_in_thread(lambda cancelled, text=text: self.engines.tts.synthesize(text, self.voice))
             async for chunk in speech:
                 turn.mark("first_tts_audio")
-                frames = await self._lipsync(self._push_speech, chunk)
-                first = self._enqueue(turn, frames, first)
+                audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
+                # In pieces, so the first frames are queued before the whole sentence is rendered.
+                piece = int(LIPSYNC_PIECE_S * self.timeline.sample_rate)
+                for offset in range(0, len(audio), piece):
+                    phonemes = chunk.phonemes if offset == 0 else None
+                    frames = await self._lipsync(self._push_speech, audio[offset : offset + piece], phonemes)
+                    first = self._enqueue(turn, frames, first)
         frames = await self._lipsync(self._finish_segment)
         if frames or not first:
             self._enqueue(turn, frames, first, last=True)
         else:
             self._emit_for(turn, {"type": "state", "state": "listening"})
 
-    def _push_speech(self, chunk: SpeechChunk) -> list:
-        audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
-        self.lipsync.push_audio(audio, chunk.phonemes)
+    def _push_speech(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None) -> list:
+        self.lipsync.push_audio(audio, phonemes)
         return self.lipsync.pull()
 
     def _finish_segment(self) -> list:
