@@ -186,9 +186,11 @@ async def _barge_ins(server: ServerProcess, count: int) -> list[float]:
             client.send({"type": "say", "text": INTERRUPTED_STORY})
             await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", 60, start)
             await asyncio.sleep(1.0)
+            spoken = time.monotonic()
             client.microphone.say(interruption, rate)
-            event = await client.wait_for(lambda e: e.get("type") == "interrupted", 30, start)
-            stopped_after.append(event["stopped_after_ms"])
+            event = await client.wait_for(lambda e: e.get("type") == "interrupted" and e.get("reason") == "barge-in", 30, spoken)
+            if "stopped_after_ms" in event:
+                stopped_after.append(event["stopped_after_ms"])
             await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", 60, start)
             await asyncio.sleep(2.5)  # let the interruption's own turn pass
     finally:
