@@ -179,7 +179,8 @@ async def _barge_ins(server: ServerProcess, count: int) -> list[float]:
     client = LoopbackClient(server.url, keep_video=False)
     await client.connect()
     interruption, rate = espeak("Wait, stop please.", "en-us", 170)
-    stopped_after = []
+    stopped_after: list[float] = []
+    missed = 0
     try:
         for _ in range(count):
             start = time.monotonic()
@@ -188,13 +189,19 @@ async def _barge_ins(server: ServerProcess, count: int) -> list[float]:
             await asyncio.sleep(1.0)
             spoken = time.monotonic()
             client.microphone.say(interruption, rate)
-            event = await client.wait_for(lambda e: e.get("type") == "interrupted" and e.get("reason") == "barge-in", 30, spoken)
+            try:
+                event = await client.wait_for(lambda e: e.get("type") == "interrupted" and e.get("reason") == "barge-in", 20, spoken)
+            except TimeoutError:
+                missed += 1  # the policy took the interruption for a cough and the avatar resumed
+                continue
             if "stopped_after_ms" in event:
                 stopped_after.append(event["stopped_after_ms"])
             await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", 60, start)
             await asyncio.sleep(2.5)  # let the interruption's own turn pass
     finally:
         await client.close()
+    if missed:
+        print(f"  {missed} of {count} interruptions did not interrupt", file=sys.stderr)
     return stopped_after
 
 

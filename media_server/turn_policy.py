@@ -18,6 +18,8 @@ from media_server.config import TurnSettings
 # Once speech has started, a slightly lower probability still counts as voiced, so soft word
 # endings do not chop an utterance.
 HYSTERESIS = 0.15
+# Silence shorter than this between voiced windows still counts as one stretch of voice ("wait, stop").
+VOICE_GAP_MS = 200
 
 
 class TurnEventKind(Enum):
@@ -83,7 +85,8 @@ class TurnPolicy:
     def _unvoiced(self, window_start: float) -> list[TurnEvent]:
         silence_ms = (window_start + self.window_s - self._last_voiced_end) * 1000
         if not self.user_speaking:
-            self._voiced_since = None
+            if silence_ms >= VOICE_GAP_MS:  # shorter gaps are between words of one stretch of speech
+                self._voiced_since = None
             if self._avatar_paused and silence_ms >= self.settings.false_interruption_timeout_ms:
                 self._avatar_paused = False
                 self._interrupted = False

@@ -83,6 +83,12 @@ def test_policy_pauses_then_interrupts_a_speaking_avatar_once():
     assert pause_at == pytest.approx(0.0)
 
 
+def test_words_with_short_gaps_between_them_add_up_to_an_interruption():
+    policy = TurnPolicy(TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320), WINDOW)
+    events = _feed(policy, [(0.9, 6), (0.0, 3), (0.9, 6)], avatar_busy=True)  # "wait," ... "stop"
+    assert TurnEventKind.INTERRUPT in kinds(events)
+
+
 def test_a_cough_pauses_the_avatar_and_it_resumes():
     policy = TurnPolicy(TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW)
     events = _feed(policy, [(0.9, 5), (0.0, 20)], avatar_busy=True)
