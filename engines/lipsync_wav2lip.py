@@ -81,12 +81,21 @@ def missing_checkpoint_message(path: Path, configured: bool) -> str:
     )
 
 
-def _pick_device(backend: str, requested: str) -> DeviceChoice:
+# With backend = "auto": the fastest measured backend for each device (docs/benchmarks.md).
+AUTO_BACKEND = {"hpu": "hpu", "cuda": "torch", "cpu": "onnx-int8"}
+
+
+def _pick_device(backend: str, requested: str) -> tuple[str, DeviceChoice]:
+    """The backend and device to run on, and why."""
     if requested == "auto" and backend in ("onnx", "onnx-int8"):
-        return DeviceChoice("cpu", f"auto: the {backend} backend runs on the CPU")
+        return backend, DeviceChoice("cpu", f"auto: the {backend} backend runs on the CPU")
     if requested == "auto" and backend == "hpu":
-        return DeviceChoice("hpu", "auto: the hpu backend runs on Gaudi")
-    return pick_device(requested)
+        return backend, DeviceChoice("hpu", "auto: the hpu backend runs on Gaudi")
+    device = pick_device(requested)
+    if backend == "auto":
+        picked = AUTO_BACKEND.get(device.device, "torch")
+        return picked, DeviceChoice(device.device, f"{device.reason}; backend auto: {picked}")
+    return backend, device
 
 
 class Wav2LipSync(LipSyncEngine):
@@ -94,7 +103,7 @@ class Wav2LipSync(LipSyncEngine):
 
     class Settings(EngineSettings):
         checkpoint: Path | None = None  # wav2lip.pth / wav2lip_gan.pth; None: DEFAULT_CHECKPOINT
-        backend: Literal["torch", "onnx", "onnx-int8", "hpu"] = "torch"
+        backend: Literal["auto", "torch", "onnx", "onnx-int8", "hpu"] = "auto"
         device: str = "auto"  # "auto" picks hpu, then cuda, then cpu (the onnx backends: always cpu)
         threads: int = Field(2, ge=1, le=64)  # intra-op threads of the onnx backends
         batch_size: int = Field(8, ge=1, le=256)
@@ -122,12 +131,12 @@ class Wav2LipSync(LipSyncEngine):
             self.fallback_reason = message
             log.warning("%s Falling back to the warp engine (lipsync.fallback_to_warp = true).", message)
             return
-        self.device = _pick_device(settings.backend, settings.device)
+        self.backend_name, self.device = _pick_device(settings.backend, settings.device)
         model = _load(self.checkpoint)
         try:
-            self.backend = create_backend(settings.backend, model, self.device.device, threads=settings.threads)
+            self.backend = create_backend(self.backend_name, model, self.device.device, threads=settings.threads)
         except BackendError as error:
-            raise EngineConfigError(f"lipsync.backend {settings.backend!r}: {error}") from error
+            raise EngineConfigError(f"lipsync.backend {self.backend_name!r}: {error}") from error
 
     @property
     def uses_fallback(self) -> bool:
@@ -153,7 +162,7 @@ class Wav2LipSync(LipSyncEngine):
             "backend": self.backend.describe(),
             "device": self.device.device,
             "device_why": self.device.reason,
-            "threads": torch.get_num_threads() if self.settings.backend == "torch" else self.settings.threads,
+            "threads": torch.get_num_threads() if self.backend_name == "torch" else self.settings.threads,
             "batch_size": self.settings.batch_size,
             "pads": self.settings.pads,
             "look_ahead_s": round(LOOK_AHEAD_SAMPLES_16K / SAMPLE_RATE, 4),

@@ -12,6 +12,8 @@ else is this code executed, so it is kept small.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 import torch
 
@@ -23,7 +25,7 @@ BATCH_SIZE = 16  # frames per decoder call; larger batches are split, smaller on
 FACE_SIZE = 96
 
 
-def _habana() -> object:
+def _habana() -> ModuleType:
     try:
         import habana_frameworks.torch as habana
         import habana_frameworks.torch.core  # noqa: F401 - registers the "hpu" device with torch

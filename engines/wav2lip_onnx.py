@@ -33,7 +33,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from engines.avatar import FaceBox, detect_face, read_source_frames
 from engines.wav2lip_audio import MEL_WINDOW, mel_window_start, melspectrogram
-from engines.wav2lip_backends import SKIP_NAMES, DecoderGraph, FaceEncoderGraph, Wav2LipBackend
+from engines.wav2lip_backends import SKIP_NAMES, BackendError, DecoderGraph, FaceEncoderGraph, Wav2LipBackend
 from engines.wav2lip_model import Wav2LipGenerator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def speech_mel_windows(sentences: tuple[tuple[str, str, int], ...]) -> np.ndarra
 def default_calibration(image_path: Path = DEFAULT_CALIBRATION_IMAGE) -> Calibration:
     """Face crops of ``image_path`` and espeak-ng speech, made on the spot (deterministic)."""
     if not image_path.is_file():
-        raise FileNotFoundError(f"int8 calibration needs a face photo; {image_path} does not exist")
+        raise BackendError(f"int8 calibration needs a face photo, and {image_path} does not exist")
     mels = speech_mel_windows(CALIBRATION_SPEECH)
     picks = np.linspace(0, len(mels) - 1, CALIBRATION_FRAMES).round().astype(int)
     return Calibration(face_inputs(photo_face_crops(image_path, 8, seed=0)), mels[picks])

@@ -54,6 +54,15 @@ def _load_average() -> list[float]:
     return [float(field) for field in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) since boot."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    own = os.times()
+    return busy / ticks, own.user + own.system
+
+
 def _peak_rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -75,7 +84,8 @@ def _model(options: dict[str, object]) -> tuple[Wav2LipGenerator, str]:
 
 def _faces(settings: Settings) -> np.ndarray:
     avatar = load_avatar(settings.server.avatars_dir / settings.server.default_avatar)
-    return face_inputs(jittered_face_crops(avatar.frames[0], avatar.face_boxes[0], AVATAR_CROPS, seed=0))
+    crops = jittered_face_crops(avatar.frames[0], avatar.face_boxes[0], AVATAR_CROPS, seed=1)  # not calibration's
+    return face_inputs(crops)
 
 
 def _time_round(
@@ -133,6 +143,7 @@ def _int8_psnr(backends: dict[str, Wav2LipBackend], features: dict[str, object],
 
 
 def run(settings: Settings, seconds: float) -> dict[str, object]:
+    load_at_start = _load_average()
     options = settings.lipsync.options
     threads = int(options.get("threads", 2))
     torch.set_num_threads(threads)
@@ -140,9 +151,10 @@ def run(settings: Settings, seconds: float) -> dict[str, object]:
     faces, mels = _faces(settings), speech_mel_windows(SPEECH)
     backends = {name: create_backend(name, model, "cpu", threads=threads) for name in BACKENDS}
     features = {name: backend.encode_faces(faces) for name, backend in backends.items()}
-    load_before = _load_average()
+    cpu_before, started = _cpu_seconds(), time.monotonic()
     times = {batch: _measure_batch(backends, features, mels, batch, seconds) for batch in BATCH_SIZES}
-    load_after = _load_average()
+    cpu_after, elapsed = _cpu_seconds(), time.monotonic() - started
+    others = ((cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])) / elapsed
     cells = _cells(times)
     best = max(cells, key=lambda cell: cell.fps)
     torch_best = max((cell for cell in cells if cell.backend == REFERENCE), key=lambda cell: cell.fps)
@@ -155,8 +167,8 @@ def run(settings: Settings, seconds: float) -> dict[str, object]:
         },
         "threads": threads,
         "cpu_count": os.cpu_count(),
-        "load_average_before": load_before,
-        "load_average_after": load_after,
+        "load_average_at_start": load_at_start,
+        "other_processes_cores_during_timing": others,
         "speech_frames": len(mels),
         "cells": [asdict(cell) for cell in cells],
         "best": asdict(best),
@@ -179,8 +191,9 @@ def _print_table(summary: dict[str, object]) -> None:
     print(f"weights: {summary['weights']}")
     print("runtimes: " + ", ".join(f"{name} = {runtime}" for name, runtime in summary["runtimes"].items()))
     print(
-        f"threads: {summary['threads']} of {summary['cpu_count']} cores; load average before "
-        f"{summary['load_average_before']}, after {summary['load_average_after']}"
+        f"threads: {summary['threads']} of {summary['cpu_count']} cores; load average at start "
+        f"{summary['load_average_at_start']}; other processes used "
+        f"{summary['other_processes_cores_during_timing']:.2f} cores on average while timing"
     )
     print(header)
     for batch in BATCH_SIZES:

@@ -79,6 +79,8 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
+BENCHMARKS = {"turn": "bench", "lipsync": "bench_lipsync"}
+
 # Sub-commands that configure their own arguments: name, module, help.
 TOOL_COMMANDS = (
     ("avatars", "avatars_cli", "add avatars from a photo or a short video"),
@@ -103,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="report engines, models, devices and codecs")
     doctor.set_defaults(run=_doctor)
     bench = commands.add_parser("bench", help="benchmarks")
-    bench.add_argument("what", choices=["turn"])
-    bench.add_argument("-n", type=int, default=12, help="questions to ask")
+    bench.add_argument("what", choices=list(BENCHMARKS))
+    bench.add_argument("-n", type=int, default=12, help="turn: questions to ask")
+    bench.add_argument("--seconds", type=float, default=2.0, help="lipsync: timing budget per backend and batch size")
     bench.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     bench.add_argument(
         "--variant",
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run these settings on the same questions, for a side-by-side comparison (repeatable)",
     )
     bench.add_argument("--barge-ins", type=int, default=10, help="interruptions to measure")
-    bench.set_defaults(run=_module_command("bench"))
+    bench.set_defaults(run=lambda args: _module_command(BENCHMARKS[args.what])(args))
     for name, module, help_text in TOOL_COMMANDS:
         tool = commands.add_parser(name, help=help_text)
         importlib.import_module(f"media_server.{module}").configure_parser(tool)

