@@ -57,5 +57,8 @@ def refusal_when_full(app: web.Application) -> web.Response | None:
     if open_sessions(app) < limit:
         return None
     return json_error(
-        503, "server_full", f"all {limit} sessions are in use; try again shortly", headers={"Retry-After": str(RETRY_AFTER_S)}
+        503,
+        "server_full",
+        f"all {limit} sessions are in use; try again shortly",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
     )

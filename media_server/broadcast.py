@@ -5,11 +5,13 @@ drive it through the API (``/api/sessions…``: ``say`` speaks a text as is, ``c
 the persona); people and machines watch it as receive-only *viewers* (WHEP, the /obs page), and it
 can push itself to a streaming service over RTMP.
 
-Fan-out: a pump drains the timeline's two tracks all the time and offers every frame to each
-viewer's own pair of bounded tracks. aiortc's MediaRelay does not fit: it stops reading while no one
-watches, so a newcomer first gets a backlog of stale frames, and its buffered queues are unbounded,
-so one stalled viewer grows memory. Here a viewer joins the live edge, and a slow one drops only its
-own frames. Every viewer's peer connection encodes its own video: the viewer limit bounds that cost.
+Fan-out: a pump drains the timeline's two tracks all the time and offers a copy of every frame to
+each viewer's own pair of bounded tracks. aiortc's MediaRelay does not fit: it starts reading only
+when the first viewer does, so that viewer first gets a backlog of stale frames; it hands one frame
+object to every viewer's encoder thread at once, which crashes PyAV (see ``_copier``); and its
+buffered queues are unbounded, so one stalled viewer grows memory. Here a viewer joins at the live
+edge and a slow one drops only its own frames. Every viewer's peer connection encodes its own video:
+the viewer limit bounds that cost.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import av
 import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -32,12 +35,21 @@ from aiortc.mediastreams import MediaStreamError
 from engines.avatar import Avatar, AvatarError
 from engines.base import EngineSet, Persona
 from media_server.access import json_error
-from media_server.app_state import BROADCASTS, METRICS, RUNTIME, choices_from, refusal_when_full, update_session_gauge
+from media_server.app_state import (
+    BROADCASTS,
+    METRICS,
+    RUNTIME,
+    Choices,
+    choices_from,
+    refusal_when_full,
+    update_session_gauge,
+)
 from media_server.av_output import AVTimeline, OutputTrack
 from media_server.config import Settings
 from media_server.metrics import ServerMetrics
 from media_server.pipeline import Conversation
 from media_server.rtmp import RtmpPusher
+from media_server.runtime import Runtime
 from media_server.session import MAX_TEXT_CHARS
 
 log = logging.getLogger(__name__)
@@ -47,6 +59,31 @@ WATCHDOG_PERIOD_S = 1.0
 
 class ViewerLimitReached(Exception):
     pass
+
+
+def _copier(frame: av.AudioFrame | av.VideoFrame) -> Callable[[], av.AudioFrame | av.VideoFrame]:
+    """Copies of ``frame``, one per viewer: each viewer's encoder runs in its own thread and changes the frame
+    it encodes (time base, picture type, a cached converter), and a PyAV frame is not safe to share that way.
+    Video is converted to the encoders' yuv420p once, here, rather than once per viewer."""
+    if isinstance(frame, av.VideoFrame):
+        pixels = frame.to_ndarray(format="yuv420p")
+
+        def make() -> av.VideoFrame | av.AudioFrame:
+            return av.VideoFrame.from_ndarray(pixels, format="yuv420p")
+    else:
+        samples, sample_format, layout = frame.to_ndarray(), frame.format.name, frame.layout.name
+
+        def make() -> av.VideoFrame | av.AudioFrame:
+            copy = av.AudioFrame.from_ndarray(samples, format=sample_format, layout=layout)
+            copy.sample_rate = frame.sample_rate
+            return copy
+
+    def copy() -> av.AudioFrame | av.VideoFrame:
+        made = make()
+        made.pts, made.time_base = frame.pts, frame.time_base
+        return made
+
+    return copy
 
 
 class Viewer:
@@ -97,7 +134,9 @@ class BroadcastSession:
         self.pushers: list[RtmpPusher] = []
         self._reply_waiters: list[asyncio.Future[dict[str, object]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ice = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers]
+        self._ice = [
+            RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers
+        ]
         media = settings.media
         # One thread for lip-sync, so the stream object is only ever touched by one thread.
         self._lipsync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"broadcast-{session_id[:6]}")
@@ -135,8 +174,11 @@ class BroadcastSession:
                 frame = await source.recv()
             except MediaStreamError:
                 return
-            for viewer in list(self.viewers.values()):
-                viewer.tracks[source.kind].offer(frame)
+            viewers = list(self.viewers.values())
+            if viewers:
+                copy = _copier(frame)
+                for viewer in viewers:
+                    viewer.tracks[source.kind].offer(copy())
 
     def _on_frame(self, picture: np.ndarray | None, audio: np.ndarray) -> None:
         for pusher in self.pushers:
@@ -290,7 +332,9 @@ class BroadcastSession:
         self.closed = True
         for waiter in self._reply_waiters:
             if not waiter.done():
-                waiter.set_result({"type": "error", "code": "session_closed", "message": "the broadcast session was closed"})
+                waiter.set_result(
+                    {"type": "error", "code": "session_closed", "message": "the broadcast session was closed"}
+                )
         self.conversation.close()
         self.timeline.stop()
         for task in list(self._tasks):
@@ -341,12 +385,16 @@ def broadcast_of(request: web.Request) -> BroadcastSession:
     return session
 
 
-async def start_broadcast(app: web.Application, session_id: str, body: dict[str, object]) -> BroadcastSession:
-    """Create and start a broadcast session (its id must be free; the caller checks capacity)."""
-    runtime = app[RUNTIME]
-    chosen = choices_from(body, runtime)
-    avatar = await asyncio.to_thread(runtime.avatars.get, chosen.avatar)
+async def load_avatar(runtime: Runtime, name: str) -> Avatar:
+    avatar = await asyncio.to_thread(runtime.avatars.get, name)
     await asyncio.to_thread(runtime.engines.lipsync.prepare, avatar)
+    return avatar
+
+
+def start_broadcast(app: web.Application, session_id: str, chosen: Choices, avatar: Avatar) -> BroadcastSession:
+    """Create and start a broadcast session. Synchronous, so that checking the id is free and taking it
+    cannot be split by another request; the caller checks both that and capacity just before."""
+    runtime = app[RUNTIME]
     session = BroadcastSession(
         session_id=session_id,
         settings=runtime.settings,
@@ -376,15 +424,16 @@ async def create_session(request: web.Request) -> web.Response:
     if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
         raise web.HTTPBadRequest(text='"id" must be 1 to 64 letters, digits, "-" or "_"')
     rtmp_url = _rtmp_url(body["rtmp_url"]) if body.get("rtmp_url") is not None else None
-    choices_from(body, request.app[RUNTIME])  # unknown names get their 404 before anything is loaded
+    chosen = choices_from(body, request.app[RUNTIME])
+    try:
+        avatar = await load_avatar(request.app[RUNTIME], chosen.avatar)
+    except AvatarError as error:
+        return json_error(422, "bad_avatar", f"avatar {chosen.avatar!r} cannot be used: {error}")
     if session_id in request.app[BROADCASTS]:
         return json_error(409, "session_exists", f"broadcast session {session_id!r} exists already")
     if (full := refusal_when_full(request.app)) is not None:
         return full
-    try:
-        session = await start_broadcast(request.app, session_id, body)
-    except AvatarError as error:
-        return json_error(422, "bad_avatar", f"the avatar cannot be used: {error}")
+    session = start_broadcast(request.app, session_id, chosen, avatar)
     if rtmp_url is not None:
         session.start_rtmp(rtmp_url)
     return web.json_response(session.describe(), status=201, headers={"Location": f"/api/sessions/{session_id}"})
@@ -422,7 +471,12 @@ async def chat(request: web.Request) -> web.Response:
         status = 410 if event["code"] == "session_closed" else 502
         return json_error(status, str(event["code"]), str(event["message"]))
     return web.json_response(
-        {"session_id": session.id, "turn": event.get("turn"), "reply": event["text"], "interrupted": bool(event.get("interrupted"))}
+        {
+            "session_id": session.id,
+            "turn": event.get("turn"),
+            "reply": event["text"],
+            "interrupted": bool(event.get("interrupted")),
+        }
     )
 
 
@@ -445,9 +499,11 @@ async def stop_rtmp(request: web.Request) -> web.Response:
 
 async def start_configured_broadcast(app: web.Application) -> None:
     """With broadcast.rtmp_url set (``facecast serve --rtmp URL``), the default broadcast starts with the server."""
-    settings = app[RUNTIME].settings.broadcast
+    runtime = app[RUNTIME]
+    settings = runtime.settings.broadcast
     if settings.rtmp_url is not None:
-        session = await start_broadcast(app, settings.default_id, {})
+        chosen = choices_from({}, runtime)
+        session = start_broadcast(app, settings.default_id, chosen, await load_avatar(runtime, chosen.avatar))
         session.start_rtmp(settings.rtmp_url)
 
 

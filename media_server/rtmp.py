@@ -90,8 +90,8 @@ class RtmpPusher:
             try:
                 self._stream_once()
             except (av.FFmpegError, OSError) as error:
-                self.last_error = str(error)
-                log.warning("RTMP push to %s failed: %s", redacted(self.url), error)
+                self.last_error = str(error).replace(self.url, redacted(self.url))  # FFmpeg's messages hold the URL
+                log.warning("RTMP push to %s failed: %s", redacted(self.url), self.last_error)
             if self._stopped.is_set():
                 break
             # A connection that held for a while starts the back-off again from its shortest delay.
@@ -142,7 +142,9 @@ class RtmpPusher:
         try:
             self.connections += 1
             video, audio = self._add_streams(container, width, height)
-            resampler = av.AudioResampler(format="fltp", layout="stereo", rate=self.sample_rate, frame_size=AAC_FRAME_SAMPLES)
+            resampler = av.AudioResampler(
+                format="fltp", layout="stereo", rate=self.sample_rate, frame_size=AAC_FRAME_SAMPLES
+            )
             index = 0
             while tick is not None:
                 self._encode_tick(container, video, audio, resampler, tick, index)
@@ -157,7 +159,9 @@ class RtmpPusher:
         finally:
             container.close()
 
-    def _add_streams(self, container: av.container.OutputContainer, width: int, height: int) -> tuple:
+    def _add_streams(
+        self, container: av.container.OutputContainer, width: int, height: int
+    ) -> tuple[av.VideoStream, av.AudioStream]:
         video = container.add_stream("libx264", rate=self.fps, options={"preset": "veryfast", "tune": "zerolatency"})
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.bit_rate = self.settings.rtmp_video_kbps * 1000
@@ -166,14 +170,24 @@ class RtmpPusher:
         audio.bit_rate = self.settings.rtmp_audio_kbps * 1000
         return video, audio
 
-    def _encode_tick(self, container, video, audio, resampler, tick: Tick, index: int) -> None:  # noqa: ANN001 - PyAV objects
+    def _encode_tick(
+        self,
+        container: av.container.OutputContainer,
+        video: av.VideoStream,
+        audio: av.AudioStream,
+        resampler: av.AudioResampler,
+        tick: Tick,
+        index: int,
+    ) -> None:
         # Every tick gets a picture (the last one again while idle video skips ticks): services expect a constant rate.
         frame = av.VideoFrame.from_ndarray(self._next_picture(tick), format="bgr24")
         frame.pts = index
         frame.time_base = fractions.Fraction(1, self.fps)
         for packet in video.encode(frame):
             container.mux(packet)
-        sound = av.AudioFrame.from_ndarray(np.ascontiguousarray(tick.audio, np.float32)[None, :], format="flt", layout="mono")
+        sound = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(tick.audio, np.float32)[None, :], format="flt", layout="mono"
+        )
         sound.sample_rate = self.sample_rate
         sound.pts = index * len(tick.audio)
         sound.time_base = fractions.Fraction(1, self.sample_rate)

@@ -30,8 +30,8 @@ def _seed(shape: tuple[int, int], face: FaceBox, scale: float) -> np.ndarray:
     head_top = max(0, y0 - face_h // 2)
     side = max(2, face_w // 4)
     seed[: head_top // 2 + 1, :] = cv2.GC_BGD
-    seed[: y1, : max(0, x0 - face_w // 2 - side)] = cv2.GC_BGD
-    seed[: y1, min(width, x1 + face_w // 2 + side) :] = cv2.GC_BGD
+    seed[:y1, : max(0, x0 - face_w // 2 - side)] = cv2.GC_BGD
+    seed[:y1, min(width, x1 + face_w // 2 + side) :] = cv2.GC_BGD
     # The face itself, and the neck and chest below it: the person for sure.
     inset_x, inset_y = face_w // 6, face_h // 8
     seed[y0 + inset_y : y1 - inset_y, x0 + inset_x : x1 - inset_x] = cv2.GC_FGD
@@ -51,7 +51,9 @@ def person_alpha(frame: np.ndarray, face: FaceBox) -> np.ndarray:
     """uint8 alpha (255: the person) the size of ``frame``, with feathered edges."""
     height, width = frame.shape[:2]
     scale = WORK_SIDE / max(height, width)
-    small = cv2.resize(frame, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        frame, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+    )
     mask = _seed(small.shape[:2], face, scale)
     background, foreground = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     cv2.grabCut(small, mask, None, background, foreground, ITERATIONS, cv2.GC_INIT_WITH_MASK)

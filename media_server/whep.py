@@ -37,7 +37,9 @@ async def offer(request: web.Request) -> web.Response:
     session = broadcast_of(request)
     sdp = await request.text()
     if not sdp.startswith("v=0") or "m=" not in sdp:
-        return json_error(400, "bad_request", "the body is not a session description (it must start with v=0 and hold m= lines)")
+        return json_error(
+            400, "bad_request", "the body is not a session description (it must start with v=0 and hold m= lines)"
+        )
     try:
         viewer = await session.add_viewer(RTCSessionDescription(sdp=sdp, type="offer"))
     except ViewerLimitReached as error:

@@ -2,7 +2,7 @@
 // No UI here, so the talk page, kiosk, OBS and embed pages can all share it.
 //
 //   const options = await fetchOptions();
-//   const client = new FacecastClient({ iceServers: options.ice_servers });
+//   const client = new FacecastClient({ iceServers: options.ice_servers, iceTransportPolicy: options.ice_transport_policy });
 //   client.addEventListener("reply", (e) => console.log(e.detail));
 //   client.addEventListener("media", (e) => (video.srcObject = e.detail.stream));
 //   await client.connect({ microphone: micStream, persona: "assistant" });
@@ -10,6 +10,8 @@
 //
 // Every server event is re-dispatched as a CustomEvent named after its "type" (session, state,
 // transcript, reply, metrics, interrupted, resumed, error, pong), with the parsed message as `detail`.
+// `watch(broadcastId)` instead of `connect()` attaches to a broadcast session as a receive-only
+// viewer over WHEP: the same media and events, nothing sent.
 // The client adds: "media" ({stream}) when the avatar's first track arrives, "connection"
 // ({state}) on each RTCPeerConnection state change, and "closed" ({reason}) once it has ended.
 
@@ -43,7 +45,7 @@ async function errorFrom(response) {
   return new FacecastError(message, { status: response.status, code, retryAfterS: retry ? Number(retry) : null });
 }
 
-async function request(url, init) {
+async function send(url, init) {
   let response;
   try {
     response = await fetch(url, init);
@@ -51,10 +53,14 @@ async function request(url, init) {
     throw new FacecastError(`cannot reach the Facecast server (${error.message})`);
   }
   if (!response.ok) throw await errorFrom(response);
-  return response.json();
+  return response;
 }
 
-/** GET /api/options: {avatars, personas: {name: display name}, voices, defaults, ice_servers}. */
+async function request(url, init) {
+  return (await send(url, init)).json();
+}
+
+/** GET /api/options: {avatars, personas: {name: display name}, voices, defaults, ice_servers, ice_transport_policy}. */
 export function fetchOptions(baseUrl = "") {
   return request(`${baseUrl}/api/options`);
 }
@@ -94,15 +100,17 @@ function channelOpen(channel) {
 
 export class FacecastClient extends EventTarget {
   /**
-   * @param {{baseUrl?: string, iceServers?: RTCIceServer[]}} options
+   * @param {{baseUrl?: string, iceServers?: RTCIceServer[], iceTransportPolicy?: RTCIceTransportPolicy}} options
    */
-  constructor({ baseUrl = "", iceServers = [] } = {}) {
+  constructor({ baseUrl = "", iceServers = [], iceTransportPolicy = "all" } = {}) {
     super();
     this.baseUrl = baseUrl;
     this.iceServers = iceServers;
+    this.iceTransportPolicy = iceTransportPolicy;
     this.pc = null;
     this.channel = null;
     this.sessionId = null;
+    this.resourceUrl = null; // what close() deletes: the session, or the WHEP viewer
     this.state = "idle"; // the avatar's last reported state: listening, thinking or speaking
     this.remoteStream = new MediaStream();
     this.closed = false;
@@ -118,8 +126,44 @@ export class FacecastClient extends EventTarget {
    * leave them out for the server's defaults. `video: false` asks for audio only.
    */
   async connect({ microphone = null, avatar, voice, persona, video = true } = {}) {
+    await this._negotiate({ microphone, video }, async (offerSdp) => {
+      const body = { sdp: offerSdp, type: "offer" };
+      if (avatar) body.avatar = avatar;
+      if (voice) body.voice = voice;
+      if (persona) body.persona = persona;
+      const answer = await request(`${this.baseUrl}/offer`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(body),
+      });
+      this.sessionId = answer.session_id;
+      this.resourceUrl = `${this.baseUrl}/sessions/${answer.session_id}`;
+      return answer.sdp;
+    });
+  }
+
+  /**
+   * Watch a broadcast session (the server's default one when `broadcastId` is empty) as a
+   * receive-only WHEP viewer. Its events (state, reply, …) arrive as with connect().
+   */
+  async watch(broadcastId = "", { video = true } = {}) {
+    await this._negotiate({ microphone: null, video }, async (offerSdp) => {
+      const path = broadcastId ? `/whep/${encodeURIComponent(broadcastId)}` : "/whep";
+      const response = await send(`${this.baseUrl}${path}`, {
+        method: "POST",
+        headers: { "Content-Type": "application/sdp" },
+        body: offerSdp,
+      });
+      this.sessionId = broadcastId || null;
+      this.resourceUrl = new URL(response.headers.get("Location"), new URL(path, this.baseUrl || location.href)).href;
+      return response.text();
+    });
+  }
+
+  /** Offer, exchange it with `signal(offerSdp) → answerSdp`, then wait for the events channel. */
+  async _negotiate({ microphone, video }, signal) {
     if (this.pc) throw new Error("a FacecastClient connects once; make a new one for a new session");
-    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers, iceTransportPolicy: this.iceTransportPolicy });
     this.pc = pc;
     pc.addEventListener("track", (event) => this._onTrack(event));
     pc.addEventListener("connectionstatechange", () => this._onConnectionState());
@@ -136,17 +180,8 @@ export class FacecastClient extends EventTarget {
     try {
       await pc.setLocalDescription(await pc.createOffer());
       await iceGatheringComplete(pc);
-      const body = { sdp: pc.localDescription.sdp, type: "offer" };
-      if (avatar) body.avatar = avatar;
-      if (voice) body.voice = voice;
-      if (persona) body.persona = persona;
-      const answer = await request(`${this.baseUrl}/offer`, {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify(body),
-      });
-      this.sessionId = answer.session_id;
-      await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+      const answerSdp = await signal(pc.localDescription.sdp);
+      await pc.setRemoteDescription({ type: "answer", sdp: answerSdp });
       await channelOpen(this.channel);
     } catch (error) {
       this.close(error.message);
@@ -181,9 +216,9 @@ export class FacecastClient extends EventTarget {
   close(reason = "closed") {
     if (this.closed) return;
     this.closed = true;
-    if (this.sessionId) {
+    if (this.resourceUrl) {
       // keepalive lets the request finish even when the page is being unloaded.
-      fetch(`${this.baseUrl}/sessions/${this.sessionId}`, { method: "DELETE", keepalive: true }).catch(() => {});
+      fetch(this.resourceUrl, { method: "DELETE", keepalive: true }).catch(() => {});
     }
     if (this.pc) this.pc.close();
     this.dispatchEvent(new CustomEvent("closed", { detail: { reason } }));
@@ -210,5 +245,59 @@ export class FacecastClient extends EventTarget {
     if (!event || typeof event.type !== "string") return;
     if (event.type === "state") this.state = event.state;
     this.dispatchEvent(new CustomEvent(event.type, { detail: event }));
+  }
+}
+
+/**
+ * Keeps a connection up: calls `connect()` until it succeeds, waiting longer after each failure
+ * (minDelayMs, doubling up to maxDelayMs, ±20 % jitter so that many clients do not all come back
+ * at the same instant after a server restart). Call `retry()` when an established connection
+ * drops; a success resets the delay. A 503's Retry-After is honoured.
+ */
+export class Reconnector {
+  constructor(connect, { minDelayMs = 1000, maxDelayMs = 15000, onWait = () => {} } = {}) {
+    this.connect = connect;
+    this.minDelayMs = minDelayMs;
+    this.maxDelayMs = maxDelayMs;
+    this.onWait = onWait;
+    this.delayMs = minDelayMs;
+    this.timer = null;
+    this.running = false;
+    this.stopped = false;
+  }
+
+  async start() {
+    if (this.running || this.stopped) return;
+    this.running = true;
+    try {
+      await this.connect();
+      this.delayMs = this.minDelayMs;
+    } catch (error) {
+      this._schedule(error);
+    } finally {
+      this.running = false;
+    }
+  }
+
+  retry(reason = null) {
+    if (!this.stopped && !this.running && this.timer === null) this._schedule(reason);
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.timer);
+    this.timer = null;
+  }
+
+  _schedule(error) {
+    const retryAfterMs = error instanceof FacecastError && error.retryAfterS ? error.retryAfterS * 1000 : 0;
+    const waitMs = Math.max(retryAfterMs, this.delayMs * (0.8 + 0.4 * Math.random()));
+    this.delayMs = Math.min(this.maxDelayMs, this.delayMs * 2);
+    this.onWait({ error, waitMs });
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.start();
+    }, waitMs);
   }
 }

@@ -400,7 +400,7 @@ function wire(client, current) {
 
 function startSession(microphone) {
   hideError();
-  const client = new FacecastClient({ iceServers: options.ice_servers });
+  const client = new FacecastClient({ iceServers: options.ice_servers, iceTransportPolicy: options.ice_transport_policy });
   const current = { client, microphone, meter: null, connected: false, muted: false, persona: null };
   session = current;
   wire(client, current);

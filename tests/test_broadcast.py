@@ -23,6 +23,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
 
 from media_server.app import create_app
 from media_server.app_state import BROADCASTS
@@ -87,8 +88,12 @@ async def wait_until_loud(viewer: LoopbackClient, after: float, timeout_s: float
 
 async def test_the_api_needs_the_configured_token(token_server):
     status, body, headers = await call("POST", f"{token_server}/api/sessions", json={})
-    assert status == 401 and body["error"]["code"] == "unauthorized" and headers["WWW-Authenticate"].startswith("Bearer")
-    status, body, _ = await call("POST", f"{token_server}/api/sessions/x/say", json={"text": "hi"}, headers={"Authorization": "Bearer wrong"})
+    assert (
+        status == 401 and body["error"]["code"] == "unauthorized" and headers["WWW-Authenticate"].startswith("Bearer")
+    )
+    status, body, _ = await call(
+        "POST", f"{token_server}/api/sessions/x/say", json={"text": "hi"}, headers={"Authorization": "Bearer wrong"}
+    )
     assert status == 401 and body["error"]["message"] == "wrong API token"
 
     authorized = {"Authorization": f"Bearer {TOKEN}"}
@@ -99,7 +104,9 @@ async def test_the_api_needs_the_configured_token(token_server):
 
 
 async def test_without_a_token_the_api_answers_only_this_machine(base_url, broadcasts):
-    status, body, _ = await call("POST", f"{base_url}/api/sessions", json={}, headers={"X-Forwarded-For": "203.0.113.9"})
+    status, body, _ = await call(
+        "POST", f"{base_url}/api/sessions", json={}, headers={"X-Forwarded-For": "203.0.113.9"}
+    )
     assert status == 403 and body["error"]["code"] == "api_token_required"
     status, body, _ = await call("GET", f"{base_url}/api/sessions")
     assert status == 200 and body == {"sessions": []}
@@ -119,15 +126,16 @@ async def test_bad_requests_get_clear_errors(base_url, broadcasts):
 
 
 async def test_say_is_heard_by_every_viewer(base_url, broadcasts, viewers):
-    status, body, _ = await call("POST", f"{base_url}/api/sessions", json={"id": "show"})
-    assert status == 201
+    assert (await call("POST", f"{base_url}/api/sessions", json={"id": "show"}))[0] == 201
     first, second = await viewers(base_url, "show"), await viewers(base_url, "show")
     await first.wait_for(lambda e: e["type"] == "session" and e.get("broadcast"))
     assert (await call("GET", f"{base_url}/api/sessions/show"))[1]["viewers"] == 2
 
     asked = time.monotonic()
-    status, body, _ = await call("POST", f"{base_url}/api/sessions/show/say", json={"text": "Hello everybody, welcome to the stream!"})
-    assert status == 202
+    said = await call(
+        "POST", f"{base_url}/api/sessions/show/say", json={"text": "Hello everybody, welcome to the stream!"}
+    )
+    assert said[0] == 202
     for viewer in (first, second):
         await wait_until_loud(viewer, asked)
         reply = await viewer.wait_for(lambda e: e["type"] == "reply" and e["final"], after=asked)
@@ -140,7 +148,9 @@ async def test_chat_is_answered_as_the_persona(base_url, broadcasts, viewers):
     assert (await call("POST", f"{base_url}/api/sessions", json={"id": "bot", "persona": "guide"}))[0] == 201
     viewer = await viewers(base_url, "bot")
     asked = time.monotonic()
-    status, body, _ = await call("POST", f"{base_url}/api/sessions/bot/chat", json={"text": "Who painted the Mona Lisa?"})
+    status, body, _ = await call(
+        "POST", f"{base_url}/api/sessions/bot/chat", json={"text": "Who painted the Mona Lisa?"}
+    )
     assert status == 200, body
     assert body["reply"].strip() and not body["interrupted"], body
     event = await viewer.wait_for(lambda e: e["type"] == "reply" and e["final"], after=asked)
@@ -155,7 +165,7 @@ async def test_whep_offer_answer_and_delete(base_url, broadcasts):
     pc.addTransceiver("video", direction="recvonly")
     frames: dict[str, int] = {"audio": 0, "video": 0}
 
-    async def read(track) -> None:  # noqa: ANN001
+    async def read(track: MediaStreamTrack) -> None:
         with contextlib.suppress(Exception):
             while True:
                 await track.recv()
@@ -163,7 +173,9 @@ async def test_whep_offer_answer_and_delete(base_url, broadcasts):
 
     pc.on("track", lambda track: asyncio.ensure_future(read(track)))
     await pc.setLocalDescription(await pc.createOffer())
-    status, answer, headers = await call("POST", f"{base_url}/whep", data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"})
+    status, answer, headers = await call(
+        "POST", f"{base_url}/whep", data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+    )
     assert status == 201 and headers["Content-Type"].startswith("application/sdp"), answer
     location = headers["Location"]
     assert location.startswith("/whep/main/")
@@ -172,7 +184,14 @@ async def test_whep_offer_answer_and_delete(base_url, broadcasts):
     while min(frames.values()) < 10:
         assert time.monotonic() < deadline, f"frames received: {frames}"
         await asyncio.sleep(0.1)
-    assert (await call("PATCH", base_url + location, data="a=candidate", headers={"Content-Type": "application/trickle-ice-sdpfrag"}))[0] == 405
+    assert (
+        await call(
+            "PATCH",
+            base_url + location,
+            data="a=candidate",
+            headers={"Content-Type": "application/trickle-ice-sdpfrag"},
+        )
+    )[0] == 405
 
     assert (await call("DELETE", base_url + location))[0] == 200
     assert (await call("GET", f"{base_url}/api/sessions/main"))[1]["viewers"] == 0
@@ -239,7 +258,9 @@ def read_stream(url: str, seconds: float) -> dict[str, object]:
     """Play the published stream for ``seconds`` of its media: codecs, decoded frame counts, loudest audio."""
     found: dict[str, object] = {"video_frames": 0, "audio_frames": 0, "loudest_rms": 0.0, "size": None}
     with av.open(url, timeout=15) as container:
-        found["codecs"] = sorted(f"{s.type}:{s.codec_context.name}" for s in container.streams if s.type in ("audio", "video"))
+        found["codecs"] = sorted(
+            f"{s.type}:{s.codec_context.name}" for s in container.streams if s.type in ("audio", "video")
+        )
         for frame in container.decode(*[s for s in container.streams if s.type in ("audio", "video")]):
             if isinstance(frame, av.VideoFrame):
                 found["video_frames"] += 1
@@ -273,3 +294,25 @@ async def test_rtmp_push_is_readable_with_audio_and_video(base_url, broadcasts, 
 
     status, body, _ = await call("DELETE", f"{base_url}/api/sessions/streamed/rtmp")
     assert status == 200 and body["stopped"] == 1
+
+
+async def test_rtmp_url_setting_starts_the_default_broadcast_with_the_server(runtime, rtmp_server):
+    """What `facecast serve --rtmp URL` does: the default broadcast session exists and streams from the start."""
+    url = f"{rtmp_server}/at-launch"
+    broadcast = runtime.settings.broadcast.model_copy(update={"rtmp_url": url})
+    app = create_app(
+        dataclasses.replace(runtime, settings=runtime.settings.model_copy(update={"broadcast": broadcast}))
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        session = app[BROADCASTS]["main"]
+        deadline = time.monotonic() + 20
+        while session.pushers[0].status != "live":
+            assert time.monotonic() < deadline, session.pushers[0].describe()
+            await asyncio.sleep(0.2)
+        found = await asyncio.wait_for(asyncio.to_thread(read_stream, url, 1.0), 30)
+        assert found["codecs"] == ["audio:aac", "video:h264"] and found["video_frames"] > 0, found
+    finally:
+        await runner.cleanup()
+    assert app[BROADCASTS] == {}

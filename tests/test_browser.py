@@ -7,141 +7,34 @@ getUserMedia → WebRTC → VAD → ASR → LLM → TTS → lip-sync → the pag
 from __future__ import annotations
 
 import re
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-import wave
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
-import numpy as np
 import pytest
 import pytest_asyncio
 
-from media_server.audio import resample
-from media_server.speech_corpus import espeak
+from tests.browser_support import ARTIFACTS, PageProblems, ServerProcess, browser, microphone_wav  # noqa: F401 - fixtures
 
 playwright_api = pytest.importorskip("playwright.async_api")
 expect = playwright_api.expect
 
 pytestmark = pytest.mark.browser
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = PROJECT_ROOT / "test-artifacts"
-QUESTION = "What is the capital of France?"
-MIC_RATE = 48000
-LEAD_SILENCE_S = 3.0  # the fake microphone starts at getUserMedia, before the session is connected
-TAIL_SILENCE_S = 2.0
-SERVER_START_TIMEOUT_S = 120
 TURN_TIMEOUT_MS = 45_000
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _healthy(base_url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base_url}/healthz", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m media_server serve` as its own process: the browser test also proves the CLI works."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "serve.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "media_server", "serve", "--port", str(port)],
-            cwd=PROJECT_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    server = ServerProcess(tmp_path_factory.mktemp("server") / "serve.log")
+    server.start()
     try:
-        while not _healthy(base_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"facecast serve did not come up; its output:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.3)
-        yield base_url
+        yield server.base_url
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        ARTIFACTS.mkdir(exist_ok=True)
-        shutil.copy(log_path, ARTIFACTS / "browser-serve.log")
-
-
-@pytest.fixture(scope="module")
-def microphone_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The question as 48 kHz mono 16-bit PCM, with silence before and after it."""
-    speech, rate = espeak(QUESTION)
-    audio = np.concatenate(
-        [
-            np.zeros(int(LEAD_SILENCE_S * MIC_RATE), np.float32),
-            resample(speech, rate, MIC_RATE),
-            np.zeros(int(TAIL_SILENCE_S * MIC_RATE), np.float32),
-        ]
-    )
-    path = tmp_path_factory.mktemp("mic") / "question.wav"
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(MIC_RATE)
-        writer.writeframes((np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes())
-    return path
-
-
-@pytest_asyncio.fixture(scope="module")
-async def browser(microphone_wav: Path) -> AsyncIterator:
-    if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    async with playwright_api.async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--autoplay-policy=no-user-gesture-required",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={microphone_wav}%noloop",
-            ],
-        )
-        yield launched
-        await launched.close()
-
-
-class PageProblems:
-    """Console errors and uncaught exceptions of one page."""
-
-    def __init__(self, page) -> None:  # noqa: ANN001 - playwright's Page
-        self.errors: list[str] = []
-        page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
-        page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
+        server.stop()
+        server.keep_log("browser-serve.log")
 
 
 @pytest_asyncio.fixture
-async def page(browser, served: str, request: pytest.FixtureRequest) -> AsyncIterator:
+async def page(browser, served: str, request: pytest.FixtureRequest) -> AsyncIterator:  # noqa: F811
     context = await browser.new_context(base_url=served, viewport={"width": 1280, "height": 820})
     opened = await context.new_page()
     opened.problems = PageProblems(opened)
