@@ -24,7 +24,6 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import av
 import numpy as np
@@ -44,10 +43,10 @@ from media_server.app_state import (
     refusal_when_full,
     update_session_gauge,
 )
-from media_server.av_output import AVTimeline, OutputTrack
+from media_server.av_output import OutputTrack
 from media_server.config import Settings
 from media_server.metrics import ServerMetrics
-from media_server.pipeline import Conversation
+from media_server.pipeline import ConversationMedia
 from media_server.rtmp import RtmpPusher
 from media_server.runtime import Runtime
 from media_server.session import MAX_TEXT_CHARS
@@ -137,23 +136,18 @@ class BroadcastSession:
         self._ice = [
             RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers
         ]
-        media = settings.media
-        # One thread for lip-sync, so the stream object is only ever touched by one thread.
-        self._lipsync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"broadcast-{session_id[:6]}")
-        lipsync = engines.lipsync.open_stream(avatar, media.fps, media.sample_rate)
-        self.timeline = AVTimeline(lipsync, self._lipsync_executor, media.fps, media.sample_rate, media.idle_fps)
-        self.timeline.on_frame = self._on_frame
-        self.conversation = Conversation(
+        self.media = ConversationMedia.open(
+            name=session_id,
+            settings=settings,
             engines=engines,
-            turn_settings=settings.turn,
+            metrics=metrics,
+            avatar=avatar,
             persona=persona,
             voice=voice,
-            lipsync=lipsync,
-            lipsync_executor=self._lipsync_executor,
-            timeline=self.timeline,
-            metrics=metrics,
             emit=self._on_event,
         )
+        self.timeline, self.conversation = self.media.timeline, self.media.conversation
+        self.timeline.on_frame = self._on_frame
 
     def start(self) -> None:
         self._spawn(self.timeline.run())
@@ -335,15 +329,11 @@ class BroadcastSession:
                 waiter.set_result(
                     {"type": "error", "code": "session_closed", "message": "the broadcast session was closed"}
                 )
-        self.conversation.close()
-        self.timeline.stop()
+        self.media.close(self.metrics)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(self.remove_viewer(viewer_id) for viewer_id in list(self.viewers)))
         await self.stop_rtmp()
-        self.metrics.frames_sent.inc(self.timeline.frames_sent)
-        self.metrics.late_ticks.inc(self.timeline.late_ticks)
-        self._lipsync_executor.shutdown(wait=False, cancel_futures=True)
         self._on_closed(self)
 
 

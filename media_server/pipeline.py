@@ -10,17 +10,18 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from engines.avatar import Avatar
 from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, PhonemeTiming
 from media_server.audio import MicrophoneResampler, resample
 from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
 from media_server.chunker import SpeechChunker
-from media_server.config import TurnSettings
+from media_server.config import Settings, TurnSettings
 from media_server.echo_guard import EchoGuard
 from media_server.metrics import STAGES, ServerMetrics
 from media_server.threads import iterate_in_thread
@@ -436,3 +437,51 @@ class Conversation:
             self._turn_task.cancel()
             self._turn_task = None
         self.timeline.clear()
+
+
+@dataclass
+class ConversationMedia:
+    """A conversation wired to its output timeline and its lip-sync thread: what every kind of session runs."""
+
+    conversation: Conversation
+    timeline: AVTimeline
+    lipsync_executor: ThreadPoolExecutor
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        name: str,
+        settings: Settings,
+        engines: EngineSet,
+        metrics: ServerMetrics,
+        avatar: Avatar,
+        persona: Persona,
+        voice: str,
+        emit: Emit,
+    ) -> ConversationMedia:
+        # One thread per session for lip-sync, so its stream object is only ever touched by one thread.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lipsync-{name[:6]}")
+        media = settings.media
+        lipsync = engines.lipsync.open_stream(avatar, media.fps, media.sample_rate)
+        timeline = AVTimeline(lipsync, executor, media.fps, media.sample_rate, media.idle_fps)
+        conversation = Conversation(
+            engines=engines,
+            turn_settings=settings.turn,
+            persona=persona,
+            voice=voice,
+            lipsync=lipsync,
+            lipsync_executor=executor,
+            timeline=timeline,
+            metrics=metrics,
+            emit=emit,
+        )
+        return cls(conversation, timeline, executor)
+
+    def close(self, metrics: ServerMetrics) -> None:
+        self.conversation.close()
+        self.timeline.stop()
+        metrics.frames_sent.inc(self.timeline.frames_sent)
+        metrics.frames_dropped.inc(self.timeline.video.dropped + self.timeline.audio.dropped)
+        metrics.late_ticks.inc(self.timeline.late_ticks)
+        self.lipsync_executor.shutdown(wait=False, cancel_futures=True)

@@ -9,17 +9,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from engines.avatar import Avatar
 from engines.base import EngineSet, Persona
-from media_server.av_output import AVTimeline
 from media_server.config import Settings
 from media_server.metrics import ServerMetrics
-from media_server.pipeline import Conversation
+from media_server.pipeline import ConversationMedia
 
 log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 2000
@@ -52,22 +50,17 @@ class Session:
         self.created = time.monotonic()
         ice = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers]
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice or None))
-        # One thread per session for lip-sync, so its stream object is only ever touched by one thread.
-        self._lipsync_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lipsync-{self.id[:6]}")
-        lipsync = engines.lipsync.open_stream(avatar, settings.media.fps, settings.media.sample_rate)
-        media = settings.media
-        self.timeline = AVTimeline(lipsync, self._lipsync_executor, media.fps, media.sample_rate, media.idle_fps)
-        self.conversation = Conversation(
+        self.media = ConversationMedia.open(
+            name=self.id,
+            settings=settings,
             engines=engines,
-            turn_settings=settings.turn,
+            metrics=metrics,
+            avatar=avatar,
             persona=persona,
             voice=voice,
-            lipsync=lipsync,
-            lipsync_executor=self._lipsync_executor,
-            timeline=self.timeline,
-            metrics=metrics,
             emit=self.send_event,
         )
+        self.timeline, self.conversation = self.media.timeline, self.media.conversation
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -161,16 +154,11 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        self.conversation.close()
-        self.timeline.stop()
+        self.media.close(self.metrics)
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
         with contextlib.suppress(Exception):
             await self.pc.close()
-        self.metrics.frames_sent.inc(self.timeline.frames_sent)
-        self.metrics.frames_dropped.inc(self.timeline.video.dropped + self.timeline.audio.dropped)
-        self.metrics.late_ticks.inc(self.timeline.late_ticks)
-        self._lipsync_executor.shutdown(wait=False, cancel_futures=True)
         self._on_closed(self)
