@@ -30,19 +30,8 @@ STD_RATIO_LIMITS = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
-class CropBox:
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-    @property
-    def width(self) -> int:
-        return self.x1 - self.x0
-
-    @property
-    def height(self) -> int:
-        return self.y1 - self.y0
+class CropBox(FaceBox):
+    """A region of a frame in pixels (the padded face crop the generator sees)."""
 
     def cut(self, frame: np.ndarray) -> np.ndarray:
         return frame[self.y0 : self.y1, self.x0 : self.x1]
