@@ -162,7 +162,7 @@ class Conversation:
             self._pre_roll.clear()
             self._partial_task = asyncio.create_task(self._partial_transcripts())
         elif kind is TurnEventKind.USER_PAUSED:
-            self._start_turn(self._wall_time_of(event.at), audio=np.concatenate(self._utterance), confirmed=False)
+            self._start_turn(self._wall_time_of(event.at), audio=self._speculative_audio(), confirmed=False)
         elif kind is TurnEventKind.USER_RESUMED:
             self._drop_speculative_turn()
         elif kind is TurnEventKind.USER_ENDED:
@@ -174,6 +174,13 @@ class Conversation:
                 audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, np.float32)
                 self._start_turn(self._wall_time_of(event.at), audio=audio)
             self._utterance = []
+
+    def _speculative_audio(self) -> np.ndarray:
+        """The utterance so far, with the silence that would end it appended, so the speculative decode
+        sees the same audio as the one at the confirmed end of the turn."""
+        missing_ms = self.settings.min_silence_ms - self.settings.speculative_silence_ms
+        rate = self.engines.vad.sample_rate
+        return np.concatenate([*self._utterance, np.zeros(int(rate * missing_ms / 1000), np.float32)])
 
     def _drop_speculative_turn(self) -> None:
         """The user went on talking: the reply prepared during their pause was never shown; discard it."""
