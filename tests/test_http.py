@@ -96,7 +96,8 @@ async def test_an_engine_failure_is_reported_to_its_session_only(client_factory,
     healthy.send({"type": "text", "text": "What is the capital of France?"})
     error = await broken.wait_for(lambda e: e.get("type") == "error", timeout=20)
     assert error["code"] == "turn_failed" and "corrupt" in error["message"]
-    await broken.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", timeout=10)
+    failed_at = next(at for at, e in broken.events if e is error)
+    await broken.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", 10, failed_at)
     reply = await healthy.wait_for(lambda e: e.get("type") == "reply" and e.get("final"), timeout=30)
     assert reply["text"] and not healthy.events_of("error")
 
