@@ -206,15 +206,20 @@ class LlamaCppLLM(LLMEngine):
             log.debug("reply: first token after %.3f s, %d deltas in %.3f s", first_at - started, count, elapsed)
         return first_at is not None
 
-    def _completion_deltas(self, prompt: str, stop: list[str]) -> Generator[str, None, None]:
+    def _sampling(self) -> dict[str, object]:
         s = self._settings
+        return {
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "repeat_penalty": s.repeat_penalty,
+            "seed": s.seed,
+        }
+
+    def _completion_deltas(self, prompt: str, stop: list[str]) -> Generator[str, None, None]:
         chunks = self._llama.create_completion(
             prompt,
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            repeat_penalty=s.repeat_penalty,
-            seed=s.seed,
+            **self._sampling(),
             stop=stop,
             stream=True,
         )
@@ -225,14 +230,9 @@ class LlamaCppLLM(LLMEngine):
             chunks.close()
 
     def _chat_deltas(self, messages: list[dict[str, str]]) -> Generator[str, None, None]:
-        s = self._settings
         chunks = self._llama.create_chat_completion(
             messages=messages,
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            repeat_penalty=s.repeat_penalty,
-            seed=s.seed,
+            **self._sampling(),
             stream=True,
         )
         try:

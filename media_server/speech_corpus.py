@@ -9,6 +9,7 @@ import io
 import re
 import subprocess
 import wave
+from pathlib import Path
 
 import numpy as np
 
@@ -67,3 +68,13 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref_word != hyp_word)))
         previous = current
     return previous[-1] / len(ref)
+
+
+def write_wav(path: Path, audio: np.ndarray, rate: int) -> Path:
+    """Float32 mono audio as a 16-bit WAV file (a fake microphone, or a recording to render)."""
+    with wave.open(str(path), "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes((np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes())
+    return path

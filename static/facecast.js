@@ -61,6 +61,14 @@ async function request(url, init) {
 }
 
 /** GET /api/options: {avatars, personas: {name: display name}, voices, defaults, ice_servers, ice_transport_policy}. */
+/** The end of a long caption, cut at a word boundary so it fits in `maxChars`. */
+export function captionText(text, maxChars) {
+  const shown = (text || "").trim();
+  if (shown.length <= maxChars) return shown;
+  const tail = shown.slice(-maxChars);
+  return `…${tail.slice(tail.indexOf(" ") + 1)}`;
+}
+
 export function fetchOptions(baseUrl = "") {
   return request(`${baseUrl}/api/options`);
 }

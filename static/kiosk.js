@@ -4,7 +4,7 @@
 //
 // Query string: ?avatar=&persona=&voice= (names from /api/options), idle=SECONDS (attract after
 // this much quiet, default 45), max_backoff=SECONDS (longest wait between reconnects, default 10).
-import { FacecastClient, FacecastError, Reconnector, fetchOptions } from "./facecast.js";
+import { FacecastClient, FacecastError, Reconnector, captionText, fetchOptions } from "./facecast.js";
 
 const MIC_CONSTRAINTS = {
   // Echo cancellation keeps the avatar from hearing (and interrupting) itself through the speakers.
@@ -55,12 +55,8 @@ function showStatus(html) {
 
 function showCaption(role, text) {
   clearTimeout(captionTimer);
-  let shown = (text || "").trim();
+  const shown = captionText(text, CAPTION_MAX_CHARS);
   if (!shown) return;
-  if (shown.length > CAPTION_MAX_CHARS) {
-    const tail = shown.slice(-CAPTION_MAX_CHARS);
-    shown = `…${tail.slice(tail.indexOf(" ") + 1)}`;
-  }
   ui.captions.textContent = shown;
   ui.captions.className = `captions ${role}`;
   ui.captions.hidden = false;

@@ -1,5 +1,5 @@
 // The talk page: one conversation with the avatar, by voice or by typing.
-import { FacecastClient, FacecastError, fetchOptions } from "./facecast.js";
+import { FacecastClient, FacecastError, captionText, fetchOptions } from "./facecast.js";
 
 const MIC_CONSTRAINTS = {
   audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
@@ -186,12 +186,7 @@ let captionTimer = null;
 function showCaption(role, text) {
   clearTimeout(captionTimer);
   if (!text) return hideCaption();
-  let shown = text.trim();
-  if (shown.length > CAPTION_MAX_CHARS) {
-    const tail = shown.slice(-CAPTION_MAX_CHARS);
-    shown = `…${tail.slice(tail.indexOf(" ") + 1)}`;
-  }
-  ui.captions.textContent = shown;
+  ui.captions.textContent = captionText(text, CAPTION_MAX_CHARS);
   ui.captions.className = `captions ${role}`;
   ui.captions.hidden = false;
 }

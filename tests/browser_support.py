@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import wave
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from media_server.audio import resample
-from media_server.speech_corpus import espeak
+from media_server.speech_corpus import espeak, write_wav
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -92,15 +91,6 @@ class ServerProcess:
     def keep_log(self, name: str) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         shutil.copy(self.log_path, ARTIFACTS / name)
-
-
-def write_wav(path: Path, audio: np.ndarray, rate: int) -> Path:
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes((np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")

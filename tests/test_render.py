@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import wave
 from pathlib import Path
 
 import av
@@ -16,19 +15,10 @@ from engines.wav2lip_model import deterministic_state_dict
 from media_server import render as render_cli
 from media_server.config import Settings, load_settings
 from media_server.render import RenderError, render
-from media_server.speech_corpus import espeak
+from media_server.speech_corpus import espeak, write_wav
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wav2lip"
 FPS = 25
-
-
-def write_wav(path: Path, audio: np.ndarray, rate: int) -> Path:
-    with wave.open(str(path), "wb") as writer:
-        writer.setnchannels(1)
-        writer.setsampwidth(2)
-        writer.setframerate(rate)
-        writer.writeframes((np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes())
-    return path
 
 
 def probe(path: Path) -> dict[str, object]:
