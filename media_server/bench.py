@@ -33,6 +33,9 @@ INTERRUPTED_STORY = (
     "northern hills, and he crossed three rivers and a dark forest before he reached its cave."
 )
 IDLE_MEASURE_S = 10.0
+LONG_CONVERSATION_WINDOW = 5  # turns at each end of the long conversation compared
+ESPEAK_VOICES = (("en-us", 140), ("en-gb", 185))
+BARGE_IN_QUIET_S = 0.4  # longer than any pause between the avatar's words
 
 
 def _free_port() -> int:
@@ -81,19 +84,27 @@ class ServerProcess:
 
 
 def _voices(tts: TTSEngine, n: int) -> list[tuple[str, str, np.ndarray, int]]:
-    """(question, voice label, audio, rate): alternating the project's Piper voice and espeak-ng at two speeds."""
+    """(question, voice label, audio, rate), cycling the project's Piper voice and espeak-ng at two
+    speeds and accents; past the end of the corpus each question comes back in another voice."""
     clips = []
     for i in range(n):
         question = QUESTIONS[i % len(QUESTIONS)]
-        if i % 2 == 0:
+        voice = (i + i // len(QUESTIONS)) % (len(ESPEAK_VOICES) + 1)
+        if voice == 0:
             chunks = list(tts.synthesize(question, tts.default_voice))
             audio, rate, label = np.concatenate([c.audio for c in chunks]), chunks[0].sample_rate, "piper-joe"
         else:
-            speed = 140 if i % 4 == 1 else 185
-            audio, rate = espeak(question, "en-us" if i % 4 == 1 else "en-gb", speed)
-            label = f"espeak-{speed}wpm"
+            accent, speed = ESPEAK_VOICES[voice - 1]
+            audio, rate = espeak(question, accent, speed)
+            label = f"espeak-{accent}-{speed}wpm"
         clips.append((question, label, audio, rate))
     return clips
+
+
+def _client(server: ServerProcess) -> LoopbackClient:
+    # A browser on a quiet network plays audio out within a packet or two; aiortc's fixed 80 ms would
+    # be the test client's delay, not the server's.
+    return LoopbackClient(server.url, keep_video=False, audio_jitter_buffer_packets=1)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -128,7 +139,7 @@ async def _idle_cost(server: ServerProcess) -> dict[str, float]:
     rss_before, cpu_before = server.rss_mb(), server.cpu_seconds()
     await asyncio.sleep(IDLE_MEASURE_S)
     baseline_cpu = (server.cpu_seconds() - cpu_before) / IDLE_MEASURE_S
-    clients = [LoopbackClient(server.url, keep_video=False) for _ in range(IDLE_SESSIONS)]
+    clients = [_client(server) for _ in range(IDLE_SESSIONS)]
     for client in clients:
         await client.connect()
     await asyncio.sleep(3)
@@ -145,7 +156,7 @@ async def _idle_cost(server: ServerProcess) -> dict[str, float]:
 
 
 async def _run_turns(server: ServerProcess, clips: list) -> list[dict[str, object]]:
-    client = LoopbackClient(server.url, keep_video=False)
+    client = _client(server)
     await client.connect()
     await asyncio.sleep(1.0)
     results = []
@@ -154,55 +165,98 @@ async def _run_turns(server: ServerProcess, clips: list) -> list[dict[str, objec
             result = await _ask(client, question, audio, rate)
             result["voice"] = label
             results.append(result)
-            print(f"  {label:>16}  {result['server_ms'].get('first_audio_sent', float('nan')):7.0f} ms  {result['transcript']}", file=sys.stderr)
+            print(
+                f"  {label:>16}  {result['server_ms'].get('first_audio_sent', float('nan')):7.0f} ms  {result['transcript']}",
+                file=sys.stderr,
+            )
     finally:
         await client.close()
     return results
 
 
 def summarise(turns: list[dict[str, object]], idle: dict[str, float]) -> dict[str, object]:
-    stages = {stage: _percentiles([t["server_ms"][stage] for t in turns if stage in t["server_ms"]]) for stage in STAGES}
+    stages = {
+        stage: _percentiles([t["server_ms"][stage] for t in turns if stage in t["server_ms"]]) for stage in STAGES
+    }
     client_side = [t["client_end_of_speech_to_audio_ms"] for t in turns if t["client_end_of_speech_to_audio_ms"]]
     return {
         "turns": len(turns),
+        "first_turn_first_audio_sent_ms": turns[0]["server_ms"].get("first_audio_sent") if turns else None,
         "stages_from_end_of_speech_ms": stages,
         "client_end_of_speech_to_first_audio_ms": _percentiles(client_side),
         "longest_gap_in_a_reply_ms": _percentiles([t["longest_gap_ms"] for t in turns]),
         "mean_wer": round(statistics.mean(t["wer"] for t in turns), 3),
+        "mean_wer_by_voice": {
+            voice: round(statistics.mean(t["wer"] for t in turns if t["voice"] == voice), 3)
+            for voice in sorted({t["voice"] for t in turns})
+        },
         **idle,
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
     }
 
 
-async def _barge_ins(server: ServerProcess, count: int) -> list[float]:
-    """Interrupt a long verbatim reply ``count`` times; the server says how long its audio went on."""
-    client = LoopbackClient(server.url, keep_video=False)
+async def _barge_ins(server: ServerProcess, count: int) -> dict[str, list[float]]:
+    """Interrupt a long verbatim reply ``count`` times, at varied moments and in two voices; for each,
+    how long the avatar's audio went on after the first voiced sample of the interruption, as the
+    client heard it and as the server reports it."""
+    client = _client(server)
     await client.connect()
-    interruption, rate = espeak("Wait, stop please.", "en-us", 170)
-    stopped_after: list[float] = []
+    interruptions = [espeak("Wait, stop please.", "en-us", 170), espeak("Hold on a moment.", "en-gb", 150)]
+    heard: list[float] = []
+    server_side: list[float] = []
     missed = 0
     try:
-        for _ in range(count):
+        for i in range(count):
             start = time.monotonic()
             client.send({"type": "say", "text": INTERRUPTED_STORY})
             await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", 60, start)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.8 + 0.13 * i)  # land on different phases of the speech
             spoken = time.monotonic()
-            client.microphone.say(interruption, rate)
+            client.microphone.say(*interruptions[i % 2])
             try:
-                event = await client.wait_for(lambda e: e.get("type") == "interrupted" and e.get("reason") == "barge-in", 20, spoken)
+                event = await client.wait_for(
+                    lambda e: e.get("type") == "interrupted" and e.get("reason") == "barge-in", 20, spoken
+                )
             except TimeoutError:
                 missed += 1  # the policy took the interruption for a cough and the avatar resumed
                 continue
             if "stopped_after_ms" in event:
-                stopped_after.append(event["stopped_after_ms"])
+                server_side.append(event["stopped_after_ms"])
             await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", 60, start)
             await asyncio.sleep(2.5)  # let the interruption's own turn pass
+            voice = client.microphone.voice_started[-1]
+            ended = client.recording.loud_audio_ended_after(voice, BARGE_IN_QUIET_S)
+            if ended is not None:
+                heard.append(round((ended - voice) * 1000, 1))
     finally:
         await client.close()
     if missed:
         print(f"  {missed} of {count} interruptions did not interrupt", file=sys.stderr)
-    return stopped_after
+    return {"heard": heard, "server": server_side}
+
+
+async def _long_conversation(server: ServerProcess, count: int) -> dict[str, object]:
+    """``count`` typed turns in one session, each sent as soon as the previous reply starts playing
+    (so it interrupts it): does the first token come as fast at turn 50 as at turn 1?"""
+    client = _client(server)
+    await client.connect()
+    first_token: list[float] = []
+    try:
+        for i in range(count):
+            start = time.monotonic()
+            client.send({"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]})
+            event = await client.wait_for(lambda e: e.get("type") == "metrics" and "latency_ms" in e, 60, start)
+            first_token.append(event["latency_ms"]["first_token"])
+    finally:
+        await client.close()
+    window = min(LONG_CONVERSATION_WINDOW, count)
+    early, late = statistics.median(first_token[:window]), statistics.median(first_token[-window:])
+    return {
+        "turns": count,
+        "first_token_ms_first_turns_p50": round(early, 1),
+        "first_token_ms_last_turns_p50": round(late, 1),
+        "last_over_first": round(late / early, 2),
+    }
 
 
 def _run_configuration(args: argparse.Namespace, extra: list[str], clips: list, with_idle: bool) -> dict[str, object]:
@@ -211,12 +265,16 @@ def _run_configuration(args: argparse.Namespace, extra: list[str], clips: list, 
         server.wait_ready()
         idle = asyncio.run(_idle_cost(server)) if with_idle else {}
         turns = asyncio.run(_run_turns(server, clips))
-        barge_ins = asyncio.run(_barge_ins(server, args.barge_ins)) if with_idle else []
+        barge_ins = asyncio.run(_barge_ins(server, args.barge_ins)) if with_idle else {}
+        memory = asyncio.run(_long_conversation(server, args.long_turns)) if with_idle and args.long_turns else {}
     finally:
         server.stop()
     summary = summarise(turns, idle)
     if barge_ins:
-        summary["barge_in_stopped_after_ms"] = _percentiles(barge_ins)
+        summary["barge_in_heard_stopping_after_ms"] = _percentiles(barge_ins["heard"])
+        summary["barge_in_server_stopped_after_ms"] = _percentiles(barge_ins["server"])
+    if memory:
+        summary["long_conversation"] = memory
     return {"summary": summary, "turns": turns}
 
 
@@ -225,11 +283,21 @@ def _print_summary(summary: dict[str, object]) -> None:
     rows = dict(summary["stages_from_end_of_speech_ms"])
     rows["first audio heard by the client"] = summary["client_end_of_speech_to_first_audio_ms"]
     rows["longest gap inside a reply"] = summary["longest_gap_in_a_reply_ms"]
-    if "barge_in_stopped_after_ms" in summary:
-        rows["barge-in: avatar silent after"] = summary["barge_in_stopped_after_ms"]
+    if "barge_in_heard_stopping_after_ms" in summary:
+        rows["barge-in: client hears silence"] = summary["barge_in_heard_stopping_after_ms"]
+        rows["barge-in: server stops audio"] = summary["barge_in_server_stopped_after_ms"]
     for stage, values in rows.items():
         print(f"{stage:<34}{values.get('p50', float('nan')):>10}{values.get('p95', float('nan')):>10}")
-    for key in ("turns", "mean_wer", "server_rss_mb", "rss_per_idle_session_mb", "cpu_per_idle_session_pct_of_core"):
+    for key in (
+        "turns",
+        "first_turn_first_audio_sent_ms",
+        "mean_wer",
+        "mean_wer_by_voice",
+        "long_conversation",
+        "server_rss_mb",
+        "rss_per_idle_session_mb",
+        "cpu_per_idle_session_pct_of_core",
+    ):
         if key in summary:
             print(f"{key}: {summary[key]}")
 

@@ -45,7 +45,9 @@ def tls_context(server: ServerSettings) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(server.tls_cert, server.tls_key)
     except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"server.tls_cert/tls_key: cannot load {server.tls_cert} and {server.tls_key}: {error}") from error
+        raise ConfigError(
+            f"server.tls_cert/tls_key: cannot load {server.tls_cert} and {server.tls_key}: {error}"
+        ) from error
     return context
 
 
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(run=_doctor)
     bench = commands.add_parser("bench", help="benchmarks")
     bench.add_argument("what", choices=list(BENCHMARKS))
-    bench.add_argument("-n", type=int, default=12, help="turn: questions to ask")
+    bench.add_argument("-n", type=int, default=22, help="turn: questions to ask (22: the whole corpus once)")
     bench.add_argument("--seconds", type=float, default=2.0, help="lipsync: timing budget per backend and batch size")
     bench.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     bench.add_argument(
@@ -117,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run these settings on the same questions, for a side-by-side comparison (repeatable)",
     )
     bench.add_argument("--barge-ins", type=int, default=10, help="interruptions to measure")
+    bench.add_argument(
+        "--long-turns",
+        type=int,
+        default=50,
+        help="typed turns in one session, to compare turn 50's first token with turn 1's (0: skip)",
+    )
     bench.set_defaults(run=lambda args: _module_command(BENCHMARKS[args.what])(args))
     for name, module, help_text in TOOL_COMMANDS:
         tool = commands.add_parser(name, help=help_text)
@@ -127,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         args.run(args)
     except (ConfigError, EngineConfigError) as error:

@@ -83,6 +83,7 @@ class MediaSettings(Strict):
     fps: int = Field(25, ge=5, le=60)
     idle_fps: int = Field(5, ge=1, le=60)
     sample_rate: int = 48000
+    mic_jitter_buffer_packets: int = Field(1, ge=1, le=15)
 
     @model_validator(mode="after")
     def _whole_samples_per_frame(self) -> MediaSettings:

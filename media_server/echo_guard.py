@@ -1,9 +1,12 @@
 """Keeps the avatar from interrupting itself when its own voice comes back through a kiosk's speakers.
 
 Browsers cancel most echo; what leaks through is the avatar's audio, delayed and attenuated. The
-guard keeps the last second of what the session played and flags a microphone window as echo when
-it correlates strongly with some recent stretch of it. A user talking over the avatar does not
-correlate with the avatar's voice, so real interruptions still get through.
+guard keeps the last second of what the session played and the last ``context_s`` of what the
+microphone heard, and flags the microphone as echo when that stretch correlates strongly with a
+stretch of the output at one delay. Both are pre-emphasised first: voiced speech is dominated by
+low, periodic harmonics, and any two voices then correlate by chance over a few tens of
+milliseconds. Over 200 ms of pre-emphasised sound a user talking over the avatar does not
+correlate with it, so real interruptions get through at once.
 """
 
 from __future__ import annotations
@@ -11,40 +14,59 @@ from __future__ import annotations
 import numpy as np
 
 DECIMATION = 3  # 48 kHz output to the 16 kHz microphone rate
+PRE_EMPHASIS = 0.97
+
+
+def _pre_emphasised(audio: np.ndarray, previous: float) -> np.ndarray:
+    return audio - PRE_EMPHASIS * np.concatenate([[previous], audio[:-1]])
 
 
 class EchoGuard:
-    def __init__(self, sample_rate: int = 16000, history_s: float = 1.0, threshold: float = 0.5) -> None:
+    def __init__(
+        self, sample_rate: int = 16000, history_s: float = 1.0, threshold: float = 0.5, context_s: float = 0.2
+    ) -> None:
         self.threshold = threshold
         self._history = np.zeros(int(sample_rate * history_s), np.float32)
+        self._heard = np.zeros(int(sample_rate * context_s), np.float32)
+        self._last_played = 0.0
+        self._last_heard = 0.0
         self._played_recently = False
 
     def played(self, audio_48k: np.ndarray, speech: bool) -> None:
         """Record one tick of output audio (silence too, so the history stays aligned in time)."""
         decimated = audio_48k[: len(audio_48k) // DECIMATION * DECIMATION].reshape(-1, DECIMATION).mean(axis=1)
-        self._history = np.concatenate([self._history[len(decimated) :], decimated.astype(np.float32)])
+        emphasised = _pre_emphasised(decimated, self._last_played)
+        self._last_played = float(decimated[-1]) if len(decimated) else self._last_played
+        self._history = np.concatenate([self._history[len(emphasised) :], emphasised.astype(np.float32)])
         self._played_recently = speech or self._played_recently and bool(np.any(self._history))
 
-    def is_echo(self, window: np.ndarray) -> bool:
+    def heard(self, window: np.ndarray) -> None:
+        """Record one microphone window (every one, so the context is contiguous)."""
+        emphasised = _pre_emphasised(window, self._last_heard)
+        self._last_heard = float(window[-1])
+        self._heard = np.concatenate([self._heard[len(emphasised) :], emphasised.astype(np.float32)])
+
+    def is_echo(self) -> bool:
+        """Whether what the microphone heard last is the avatar's own recent output."""
         if not self._played_recently:
             return False
-        return self.max_correlation(window) >= self.threshold
+        return self.max_correlation(self._heard) >= self.threshold
 
-    def max_correlation(self, window: np.ndarray) -> float:
-        """Highest normalised cross-correlation of ``window`` with any stretch of the recent output."""
-        window = window.astype(np.float64)
-        window_energy = float(window @ window)
-        if window_energy < 1e-8:
+    def max_correlation(self, heard: np.ndarray) -> float:
+        """Highest normalised cross-correlation of ``heard`` with any stretch of the recent output."""
+        heard = heard.astype(np.float64)
+        heard_energy = float(heard @ heard)
+        if heard_energy < 1e-8:
             return 0.0
         reference = self._history.astype(np.float64)
-        size = 1 << int(np.ceil(np.log2(len(reference) + len(window))))
-        products = np.fft.irfft(np.fft.rfft(reference, size) * np.conj(np.fft.rfft(window, size)), size)
-        lags = len(reference) - len(window) + 1
+        size = 1 << int(np.ceil(np.log2(len(reference) + len(heard))))
+        products = np.fft.irfft(np.fft.rfft(reference, size) * np.conj(np.fft.rfft(heard, size)), size)
+        lags = len(reference) - len(heard) + 1
         dots = products[:lags]
         energy = np.concatenate([[0.0], np.cumsum(reference**2)])
-        stretch_energy = energy[len(window) : len(window) + lags] - energy[:lags]
+        stretch_energy = energy[len(heard) : len(heard) + lags] - energy[:lags]
         valid = stretch_energy > 1e-8
         if not np.any(valid):
             return 0.0
-        correlation = np.abs(dots[valid]) / np.sqrt(stretch_energy[valid] * window_energy)
+        correlation = np.abs(dots[valid]) / np.sqrt(stretch_energy[valid] * heard_energy)
         return float(correlation.max())

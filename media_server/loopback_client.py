@@ -23,10 +23,16 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from media_server.audio import resample
+from media_server.webrtc_tuning import set_audio_jitter_buffer
 
 MIC_RATE = 48000
 PACKET = 960  # 20 ms at 48 kHz
 THUMBNAIL = 256
+LOUD_RMS = 0.02  # speech, not Opus's comfort noise
+
+
+def _is_loud(samples: np.ndarray) -> bool:
+    return float(np.sqrt(np.mean(samples**2))) > LOUD_RMS
 
 
 class MicrophoneTrack(MediaStreamTrack):
@@ -40,6 +46,8 @@ class MicrophoneTrack(MediaStreamTrack):
         self._samples_sent = 0
         self._start: float | None = None
         self.clip_ended: list[float] = []  # time.monotonic() when the last sample of each clip was sent
+        self.voice_started: list[float] = []  # time.monotonic() when each clip's first voiced packet was sent
+        self._voice_pending = False
         self._echo = np.zeros(0, np.float32)  # sound from "the speakers" that leaks into this microphone
 
     def say(self, audio: np.ndarray, rate: int) -> float:
@@ -49,6 +57,7 @@ class MicrophoneTrack(MediaStreamTrack):
         samples = np.concatenate([samples, np.zeros(pad, np.float32)])
         for offset in range(0, len(samples), PACKET):
             self._queue.append(samples[offset : offset + PACKET])
+        self._voice_pending = True
         return len(samples) / MIC_RATE
 
     def leak(self, samples: np.ndarray) -> None:
@@ -65,6 +74,9 @@ class MicrophoneTrack(MediaStreamTrack):
             await asyncio.sleep(wait)
         if self._queue:
             packet = self._queue.popleft()
+            if self._voice_pending and _is_loud(packet):
+                self._voice_pending = False
+                self.voice_started.append(time.monotonic())
             if not self._queue:
                 self.clip_ended.append(time.monotonic())
         else:
@@ -98,10 +110,23 @@ class Recording:
         parts = [samples for at, samples in self.audio if start <= at < end]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
-    def first_loud_audio_after(self, start: float, threshold: float = 0.02) -> float | None:
+    def first_loud_audio_after(self, start: float) -> float | None:
         for at, samples in self.audio:
-            if at >= start and np.sqrt(np.mean(samples**2)) > threshold:
+            if at >= start and _is_loud(samples):
                 return at
+        return None
+
+    def loud_audio_ended_after(self, start: float, quiet_s: float) -> float | None:
+        """When the sound playing at ``start`` ended: the end of the last loud packet received before
+        the first stretch of ``quiet_s`` without one (pauses between words are shorter)."""
+        ended = start
+        for at, samples in self.audio:
+            if at < start:
+                continue
+            if at - ended >= quiet_s:
+                return ended
+            if _is_loud(samples):
+                ended = at + len(samples) / MIC_RATE
         return None
 
 
@@ -114,9 +139,11 @@ class LoopbackClient:
         echo_gain: float = 0.0,
         echo_delay_s: float = 0.15,
         microphone: bool = True,
+        audio_jitter_buffer_packets: int | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.sends_microphone = microphone
+        self.audio_jitter_buffer_packets = audio_jitter_buffer_packets  # None: aiortc's own (4)
         self.keep_video = keep_video
         self.echo_gain = echo_gain
         self.pc = RTCPeerConnection()
@@ -162,7 +189,10 @@ class LoopbackClient:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         url = f"{self.base_url}/whep" + (f"/{broadcast_id}" if broadcast_id else "")
         headers = {"Content-Type": "application/sdp"}
-        async with aiohttp.ClientSession() as http, http.post(url, data=self.pc.localDescription.sdp, headers=headers) as response:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, data=self.pc.localDescription.sdp, headers=headers) as response,
+        ):
             answer = await response.text()
             if response.status != 201:
                 raise RuntimeError(f"WHEP offer refused ({response.status}): {answer}")
@@ -176,6 +206,8 @@ class LoopbackClient:
         self._new_event.set()
 
     def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio" and self.audio_jitter_buffer_packets is not None:
+            set_audio_jitter_buffer(self.pc, track, self.audio_jitter_buffer_packets)
         self._readers.append(asyncio.create_task(self._read(track)))
 
     async def _read(self, track: MediaStreamTrack) -> None:

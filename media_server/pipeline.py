@@ -127,9 +127,11 @@ class Conversation:
 
     def _on_window(self, window: np.ndarray) -> None:
         probability = self._vad.speech_probability(window)
-        if self.settings.echo_guard and probability >= self.settings.vad_threshold and self._echo.is_echo(window):
-            probability = 0.0  # the avatar hearing itself through the client's speakers
-            self.echo_windows += 1
+        if self.settings.echo_guard:
+            self._echo.heard(window)
+            if probability >= self.settings.vad_threshold and self._echo.is_echo():
+                probability = 0.0  # the avatar hearing itself through the client's speakers
+                self.echo_windows += 1
         window_start = self._audio_time
         self._audio_time += self._window_s
         if self._policy.user_speaking:
@@ -178,9 +180,11 @@ class Conversation:
     def _speculative_audio(self) -> np.ndarray:
         """The utterance so far, with the silence that would end it appended, so the speculative decode
         sees the same audio as the one at the confirmed end of the turn."""
-        missing_ms = self.settings.min_silence_ms - self.settings.speculative_silence_ms
-        rate = self.engines.vad.sample_rate
-        return np.concatenate([*self._utterance, np.zeros(int(rate * missing_ms / 1000), np.float32)])
+        policy = self._policy
+        missing = policy.windows_for(self.settings.min_silence_ms) - policy.windows_for(
+            self.settings.speculative_silence_ms
+        )
+        return np.concatenate([*self._utterance, np.zeros(missing * self.engines.vad.window_samples, np.float32)])
 
     def _drop_speculative_turn(self) -> None:
         """The user went on talking: the reply prepared during their pause was never shown; discard it."""
@@ -284,7 +288,9 @@ class Conversation:
             self.emit({"type": "state", "state": "listening"})
 
     def _llm_deltas(self, history: list[ChatMessage]) -> AsyncIterator[str]:
-        return iterate_in_thread(lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set))
+        return iterate_in_thread(
+            lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set)
+        )
 
     async def _reply(self, turn: Turn, deltas: AsyncIterator[str]) -> None:
         """The text is written (by the LLM, or given) while TTS and lip-sync speak; a failure in either stops both."""
@@ -401,7 +407,9 @@ class Conversation:
         if turn is not None and turn.confirmed:
             self.metrics.turns.labels("interrupted").inc()
             self._remember_exchange(turn)
-            self.emit({"type": "reply", "text": turn.reply.strip(), "final": True, "interrupted": True, "turn": turn.id})
+            self.emit(
+                {"type": "reply", "text": turn.reply.strip(), "final": True, "interrupted": True, "turn": turn.id}
+            )
         event: dict[str, object] = {"type": "interrupted", "reason": reason}
         if was_speaking and user_started is not None:
             stopped_after = max(0.0, stopped_at - user_started)

@@ -18,6 +18,7 @@ from engines.base import EngineSet, Persona
 from media_server.config import Settings
 from media_server.metrics import ServerMetrics
 from media_server.pipeline import ConversationMedia
+from media_server.webrtc_tuning import set_audio_jitter_buffer
 
 log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 2000
@@ -48,7 +49,9 @@ class Session:
         self._tasks: set[asyncio.Task[None]] = set()
         self._has_microphone = False
         self.created = time.monotonic()
-        ice = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers]
+        ice = [
+            RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers
+        ]
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice or None))
         self.media = ConversationMedia.open(
             name=self.id,
@@ -86,6 +89,7 @@ class Session:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and not self._has_microphone:
             self._has_microphone = True
+            set_audio_jitter_buffer(self.pc, track, self.settings.media.mic_jitter_buffer_packets)
             self._spawn(self.conversation.consume_microphone(track))
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -127,7 +131,9 @@ class Session:
         elif kind == "ping":
             self.send_event({"type": "pong"})
         else:
-            self.conversation.report_error("bad_message", f"unknown message type {kind!r}; use text, say, interrupt or ping")
+            self.conversation.report_error(
+                "bad_message", f"unknown message type {kind!r}; use text, say, interrupt or ping"
+            )
 
     def send_event(self, event: dict[str, object]) -> None:
         channel = self.channel

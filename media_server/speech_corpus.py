@@ -52,8 +52,18 @@ def espeak(text: str, voice: str = "en-us", words_per_minute: int = 160) -> tupl
     return pcm.astype(np.float32) / 32768.0, rate
 
 
+# fmt: off
+NUMBER_WORDS = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+)
+# fmt: on
+
+
 def normalized_words(text: str) -> list[str]:
-    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+    """Lower case, no punctuation, small numbers as words: "2 plus 3" is not a mistake for "two plus three"."""
+    words = re.sub(r"[^\w\s']", " ", text.lower()).split()
+    return [NUMBER_WORDS[int(w)] if w.isdigit() and int(w) < len(NUMBER_WORDS) else w for w in words]
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:

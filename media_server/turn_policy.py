@@ -10,6 +10,7 @@ confirmed once the silence reaches ``min_silence_ms``, or dropped if the user go
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -50,6 +51,10 @@ class TurnPolicy:
         self._avatar_paused = False
         self._interrupted = False
 
+    def windows_for(self, ms: float) -> int:
+        """Silence is counted in whole windows: this many make ``ms``."""
+        return math.ceil(ms / 1000 / self.window_s - 1e-6)
+
     def on_window(self, probability: float, window_start: float, avatar_busy: bool) -> list[TurnEvent]:
         threshold = self.settings.vad_threshold - (HYSTERESIS if self.user_speaking else 0.0)
         if probability >= threshold:
@@ -83,21 +88,24 @@ class TurnPolicy:
         return events
 
     def _unvoiced(self, window_start: float) -> list[TurnEvent]:
-        silence_ms = (window_start + self.window_s - self._last_voiced_end) * 1000
+        # Rounded to whole windows: the audio clock's float sum must not add or lose a window.
+        silent_windows = round((window_start + self.window_s - self._last_voiced_end) / self.window_s)
         if not self.user_speaking:
-            if silence_ms >= VOICE_GAP_MS:  # shorter gaps are between words of one stretch of speech
+            if silent_windows >= self.windows_for(
+                VOICE_GAP_MS
+            ):  # shorter gaps are between words of one stretch of speech
                 self._voiced_since = None
-            if self._avatar_paused and silence_ms >= self.settings.false_interruption_timeout_ms:
+            if self._avatar_paused and silent_windows >= self.windows_for(self.settings.false_interruption_timeout_ms):
                 self._avatar_paused = False
                 self._interrupted = False
                 return [TurnEvent(TurnEventKind.AVATAR_RESUME, self._last_voiced_end)]
             if not self._avatar_paused:
                 self._interrupted = False
             return []
-        if silence_ms >= self.settings.min_silence_ms:
+        if silent_windows >= self.windows_for(self.settings.min_silence_ms):
             return [self._end()]
         speculative_ms = self.settings.speculative_silence_ms
-        if speculative_ms and not self._user_paused and silence_ms >= speculative_ms:
+        if speculative_ms and not self._user_paused and silent_windows >= self.windows_for(speculative_ms):
             self._user_paused = True
             return [TurnEvent(TurnEventKind.USER_PAUSED, self._last_voiced_end)]
         return []

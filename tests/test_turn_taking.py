@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import numpy as np
 import pytest
 
+from engines.base import ASREngine, Transcript
 from media_server.app import SESSIONS
+from media_server.loopback_client import MicrophoneTrack
+from media_server.metrics import ServerMetrics
+from media_server.pipeline import ConversationMedia
 from media_server.speech_corpus import espeak
 
 STORY = (
@@ -51,6 +58,62 @@ async def test_a_speculative_reply_dropped_by_continued_speech_gives_one_answer(
     assert server_app[SESSIONS][client.session_id].conversation.speculative_dropped >= 1
 
 
+class FinalDecodes(ASREngine):
+    """The real ASR engine, keeping the audio of every final (not partial) decode."""
+
+    def __init__(self, engine: ASREngine) -> None:
+        self.engine = engine
+        self.audio: list[np.ndarray] = []
+
+    def transcribe(self, audio: np.ndarray, *, partial: bool = False) -> Transcript:
+        if not partial:
+            self.audio.append(np.array(audio))
+        return self.engine.transcribe(audio, partial=partial)
+
+
+async def final_decode(runtime, speculative_silence_ms: int, speech: np.ndarray, rate: int) -> tuple[str, np.ndarray]:
+    """Speak ``speech`` into a fresh conversation; the final transcript and the audio it was decoded from."""
+    settings = runtime.settings.model_copy(
+        update={"turn": runtime.settings.turn.model_copy(update={"speculative_silence_ms": speculative_silence_ms})}
+    )
+    asr = FinalDecodes(runtime.engines.asr)
+    events: list[dict] = []
+    media = ConversationMedia.open(
+        name="parity",
+        settings=settings,
+        engines=dataclasses.replace(runtime.engines, asr=asr),
+        metrics=ServerMetrics(),
+        avatar=runtime.avatars.get("default"),
+        persona=runtime.personas["assistant"],
+        voice=runtime.engines.tts.default_voice,
+        emit=events.append,
+    )
+    microphone = MicrophoneTrack()
+    microphone.say(np.concatenate([silence(0.3, rate), speech, silence(1.0, rate)]), rate)
+    listening = asyncio.create_task(media.conversation.consume_microphone(microphone))
+    try:
+        for _ in range(400):
+            finals = [e for e in events if e.get("type") == "transcript" and e.get("final")]
+            if finals:
+                return finals[0]["text"], asr.audio[-1]
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no final transcript; events: {events}")
+    finally:
+        listening.cancel()
+        microphone.stop()
+        media.close(ServerMetrics())
+
+
+async def test_a_speculative_transcript_is_decoded_from_the_same_audio_as_the_confirmed_one(runtime):
+    speech, rate = espeak("How many minutes are in an hour?", "en-gb", 185)
+    speculative_text, speculative_audio = await final_decode(runtime, 160, speech, rate)
+    confirmed_text, confirmed_audio = await final_decode(runtime, 0, speech, rate)
+    # Same microphone audio in the same windows: only the tail's silence is made up, not heard.
+    assert speculative_audio.shape == confirmed_audio.shape
+    assert np.abs(speculative_audio - confirmed_audio).max() < 1e-3
+    assert speculative_text == confirmed_text
+
+
 async def test_a_cough_during_a_reply_pauses_it_and_the_reply_resumes(client_factory):
     client = await client_factory()
     client.send({"type": "say", "text": STORY})
@@ -73,7 +136,9 @@ async def test_memory_stays_bounded_over_fifty_turns(client_factory, server_app,
     llm = runtime.engines.llm
     for turn in range(50):
         client.send({"type": "text", "text": f"Question number {turn}: tell me something about the number {turn}."})
-        await client.wait_for(lambda e, n=turn + 1: e.get("type") == "reply" and e.get("final") and e.get("turn") == n, 30)
+        await client.wait_for(
+            lambda e, n=turn + 1: e.get("type") == "reply" and e.get("final") and e.get("turn") == n, 30
+        )
     assert len(conversation.history) <= 40
     prompt_tokens = llm.count_tokens(llm.build_prompt(conversation.persona, conversation.history))
     preamble_tokens = llm.count_tokens(llm.build_prompt(conversation.persona, conversation.history[-1:]))
@@ -92,3 +157,18 @@ async def test_the_avatar_does_not_interrupt_itself_through_the_speakers(client_
         assert not client.events_of("interrupted") and conversation.echo_windows > 0
     else:  # the control: without the guard the avatar's own voice cuts it off
         assert client.events_of("interrupted")
+
+
+async def test_the_microphone_waits_in_aiortcs_jitter_buffer_only_as_long_as_configured(
+    client_factory, server_app, runtime
+):
+    client = await client_factory()
+    client.microphone.say(silence(0.5, 16000), 16000)
+    session = server_app[SESSIONS][client.session_id]
+    for _ in range(100):
+        receivers = [t.receiver for t in session.pc.getTransceivers() if t.kind == "audio" and t.receiver.track]
+        if receivers and session._has_microphone:
+            break
+        await asyncio.sleep(0.05)
+    buffer = receivers[0]._RTCRtpReceiver__jitter_buffer  # the setting aiortc does not expose
+    assert buffer._prefetch == runtime.settings.media.mic_jitter_buffer_packets == 1

@@ -6,6 +6,7 @@ import pytest
 
 from media_server.chunker import SpeechChunker
 from media_server.config import ConfigError, TurnSettings, load_settings
+from media_server.speech_corpus import word_error_rate
 from media_server.turn_policy import TurnEventKind, TurnPolicy
 
 WINDOW = 0.032
@@ -13,7 +14,7 @@ WINDOW = 0.032
 
 def test_defaults_load_and_every_source_overrides(tmp_path):
     user_file = tmp_path / "facecast.toml"
-    user_file.write_text('[server]\nport = 9000\nmax_sessions = 7\n[media]\nfps = 30\n')
+    user_file.write_text("[server]\nport = 9000\nmax_sessions = 7\n[media]\nfps = 30\n")
     settings = load_settings(user_file, {"server.max_sessions": "9"}, environ={"FACECAST__MEDIA__FPS": "20"})
     assert settings.server.port == 9000
     assert settings.server.max_sessions == 9
@@ -90,7 +91,9 @@ def test_words_with_short_gaps_between_them_add_up_to_an_interruption():
 
 
 def test_a_cough_pauses_the_avatar_and_it_resumes():
-    policy = TurnPolicy(TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW)
+    policy = TurnPolicy(
+        TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW
+    )
     events = _feed(policy, [(0.9, 5), (0.0, 20)], avatar_busy=True)
     assert kinds(events) == [TurnEventKind.AVATAR_PAUSE, TurnEventKind.AVATAR_RESUME]
 
@@ -115,3 +118,9 @@ def test_chunker_flushes_text_without_punctuation_and_skips_empty():
     assert chunker.feed("Hello there") == []
     assert chunker.flush() == ["Hello there"]
     assert SpeechChunker().flush() == []
+
+
+def test_word_error_rate_ignores_case_punctuation_and_how_small_numbers_are_written() -> None:
+    assert word_error_rate("What is two plus three?", "what is 2 plus 3") == 0.0
+    assert word_error_rate("How many legs does a spider have?", "How many lengths does a spider half?") == 2 / 7
+    assert word_error_rate("one two", "") == 1.0

@@ -1,0 +1,50 @@
+"""The echo guard on real speech: the avatar's own voice coming back is flagged, a user talking over it is not."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from media_server.audio import resample
+from media_server.echo_guard import EchoGuard
+from media_server.speech_corpus import espeak
+
+RATE = 16000
+WINDOW = 512
+TICK_48K = 1920  # one 40 ms tick of output audio
+AVATAR_LINE = (
+    "Once upon a time, a brave knight rode out to find the dragon of the northern hills, and he crossed three rivers."
+)
+USER_LINE = "Wait, stop please. Hold on a moment. Can you tell me about something else?"
+
+
+def flagged_share(microphone: np.ndarray, avatar: np.ndarray, rate: int) -> float:
+    """Share of the microphone's voiced windows flagged as echo while the avatar plays ``avatar``."""
+    guard = EchoGuard(RATE)
+    played = resample(avatar, rate, 48000)
+    flags, position = [], 0
+    for tick in range(len(played) // TICK_48K):
+        guard.played(played[tick * TICK_48K : (tick + 1) * TICK_48K], speech=True)
+        while position + WINDOW <= (tick + 1) * RATE // 25:
+            window = microphone[position : position + WINDOW]
+            position += WINDOW
+            guard.heard(window)
+            if np.sqrt(np.mean(window**2)) > 0.02:
+                flags.append(guard.is_echo())
+    assert len(flags) > 50
+    return float(np.mean(flags))
+
+
+def test_the_avatar_heard_back_late_and_quieter_is_echo_and_a_user_over_it_is_not() -> None:
+    avatar, rate = espeak(AVATAR_LINE, "en-us", 160)
+    user, user_rate = espeak(USER_LINE, "en-gb", 170)
+    avatar_16k = resample(avatar, rate, RATE)
+    delay = int(0.19 * RATE)  # network, playout and capture
+    noise = np.random.default_rng(0).normal(0, 0.003, len(avatar_16k)).astype(np.float32)
+    echo = np.concatenate([np.zeros(delay, np.float32), 0.5 * avatar_16k])[: len(avatar_16k)] + noise
+    user_16k = np.zeros(len(avatar_16k), np.float32)
+    spoken = resample(user, user_rate, RATE)[: len(user_16k)]
+    user_16k[: len(spoken)] = spoken
+
+    assert flagged_share(echo, avatar, rate) > 0.9
+    assert flagged_share(user_16k, avatar, rate) < 0.1
+    assert flagged_share(user_16k + 0.3 * echo, avatar, rate) < 0.2  # talking over the leaking echo
