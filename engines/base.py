@@ -116,6 +116,9 @@ class LLMEngine(Engine):
         stops early once ``cancelled()`` returns True.
         """
 
+    def prepare(self, persona: Persona) -> None:
+        """Process what every reply for ``persona`` starts with, so the first reply starts as fast as later ones."""
+
 
 # --- TTS -------------------------------------------------------------------
 

@@ -249,6 +249,15 @@ class LlamaCppLLM(LLMEngine):
         with self._lock:
             self._llama.create_completion("User: Hello!\nAssistant:", max_tokens=4, seed=self._settings.seed)
 
+    def prepare(self, persona: Persona) -> None:
+        # llama.cpp keeps the KV cache of the longest prompt prefix it has already evaluated: with the
+        # persona's preamble in it, a reply evaluates only the conversation and the new question.
+        # (Chat templates may refuse a conversation with no user message: those models are not primed.)
+        if self._settings.chat_format == "template":
+            return
+        with self._lock:
+            self._llama.create_completion(self.build_prompt(persona, []), max_tokens=1, seed=self._settings.seed)
+
     def describe(self) -> dict[str, object]:
         return {
             "model": self._settings.model,

@@ -24,9 +24,9 @@ from engines.base import TTSEngine
 from engines.registry import create_engine
 from media_server.config import Settings
 from media_server.loopback_client import LoopbackClient
+from media_server.metrics import STAGES
 from media_server.speech_corpus import QUESTIONS, espeak, word_error_rate
 
-STAGES = ("transcript", "first_token", "first_tts_audio", "first_lipsync_frame", "first_audio_sent")
 IDLE_SESSIONS = 3
 INTERRUPTED_STORY = (
     "Let me tell you a long story. Once upon a time, a brave knight rode out to find the dragon of the "
@@ -265,7 +265,7 @@ def _run_configuration(args: argparse.Namespace, extra: list[str], clips: list, 
         server.wait_ready()
         idle = asyncio.run(_idle_cost(server)) if with_idle else {}
         turns = asyncio.run(_run_turns(server, clips))
-        barge_ins = asyncio.run(_barge_ins(server, args.barge_ins)) if with_idle else {}
+        barge_ins = asyncio.run(_barge_ins(server, args.barge_ins)) if args.barge_ins else {}
         memory = asyncio.run(_long_conversation(server, args.long_turns)) if with_idle and args.long_turns else {}
     finally:
         server.stop()
@@ -323,4 +323,8 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         for name, result in results.items():
             p50 = result["summary"]["stages_from_end_of_speech_ms"]["first_audio_sent"]["p50"]
             wer = result["summary"]["mean_wer"]
-            print(f"  {name:<50}{p50:>8} ms  x{p50 / base:.2f}  mean WER {wer}")
+            barge_in = result["summary"].get("barge_in_heard_stopping_after_ms", {})
+            print(
+                f"  {name:<50}{p50:>8} ms  x{p50 / base:.2f}  mean WER {wer}"
+                f"  barge-in heard p50/p95 {barge_in.get('p50')}/{barge_in.get('p95')} ms"
+            )

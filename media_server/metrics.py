@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
 # Stages of a turn, each measured from the end of the user's speech (or the typed message).
-STAGES = ("transcript", "first_token", "first_tts_audio", "first_lipsync_frame", "first_audio_sent")
+STAGES = ("transcript", "first_token", "first_clause", "first_tts_audio", "first_lipsync_frame", "first_audio_sent")
 
 
 class ServerMetrics:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, object]], None]
 MIN_PARTIAL_SECONDS = 0.6
 LIPSYNC_PIECE_S = 0.2
+LLM_DELTAS_AHEAD = 2  # deltas the LLM may write before the reply's text is taken
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Turn:
     confirmed: bool = True
     held_events: list[dict[str, object]] = field(default_factory=list)
     held_frames: list[QueuedFrame] = field(default_factory=list)
+    # Set once the first chunk is synthesised: until then the LLM waits, and TTS has the cores.
+    first_chunk_spoken: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, stage: str) -> None:
         self.marks.setdefault(stage, time.monotonic())
@@ -215,7 +218,9 @@ class Conversation:
         while True:
             await asyncio.sleep(interval)
             speculating = self._turn is not None and not self._turn.confirmed and self._turn_task is not None
-            if speculating or len(self._utterance) * self._window_s < MIN_PARTIAL_SECONDS:
+            # Not in a pause either: it may be the end of the turn, and the final decode would queue behind this one.
+            pausing = self._audio_time - self._policy.last_voiced_end > self._window_s
+            if speculating or pausing or len(self._utterance) * self._window_s < MIN_PARTIAL_SECONDS:
                 continue
             audio = np.concatenate(self._utterance)
             transcript = await asyncio.to_thread(self.engines.asr.transcribe, audio, partial=True)
@@ -289,7 +294,8 @@ class Conversation:
 
     def _llm_deltas(self, history: list[ChatMessage]) -> AsyncIterator[str]:
         return iterate_in_thread(
-            lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set)
+            lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set),
+            max_ahead=LLM_DELTAS_AHEAD if self.settings.first_chunk_priority else None,
         )
 
     async def _reply(self, turn: Turn, deltas: AsyncIterator[str]) -> None:
@@ -309,8 +315,12 @@ class Conversation:
             turn.reply += delta
             self._emit_for(turn, {"type": "reply", "delta": delta, "final": False, "turn": turn.id})
             for chunk in chunker.feed(delta):
+                turn.mark("first_clause")
                 chunks.put_nowait(chunk)
+                if self.settings.first_chunk_priority:
+                    await turn.first_chunk_spoken.wait()
         for chunk in chunker.flush():
+            turn.mark("first_clause")
             chunks.put_nowait(chunk)
         chunks.put_nowait(None)
         reply = turn.reply.strip()
@@ -324,6 +334,7 @@ class Conversation:
             speech = iterate_in_thread(lambda cancelled, text=text: self.engines.tts.synthesize(text, self.voice))
             async for chunk in speech:
                 turn.mark("first_tts_audio")
+                turn.first_chunk_spoken.set()
                 audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
                 # In pieces, so the first frames are queued before the whole sentence is rendered.
                 piece = int(LIPSYNC_PIECE_S * self.timeline.sample_rate)
@@ -331,6 +342,7 @@ class Conversation:
                     phonemes = chunk.phonemes if offset == 0 else None
                     frames = await self._lipsync(self._push_speech, audio[offset : offset + piece], phonemes)
                     first = self._enqueue(turn, frames, first)
+            turn.first_chunk_spoken.set()  # also when a chunk gave no audio
         frames = await self._lipsync(self._finish_segment)
         if frames or not first:
             self._enqueue(turn, frames, first, last=True)

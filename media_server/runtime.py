@@ -70,7 +70,10 @@ class Runtime:
         avatars = AvatarCatalogue(settings.server.avatars_dir)
         default = avatars.get(settings.server.default_avatar)
         engines.lipsync.prepare(default)
-        return cls(settings, engines, avatars, personas_from(settings))
+        personas = personas_from(settings)
+        if warm_up:
+            engines.llm.prepare(personas[settings.server.default_persona])
+        return cls(settings, engines, avatars, personas)
 
     def voice_for(self, persona: str) -> str:
         return self.settings.personas[persona].voice or self.engines.tts.default_voice

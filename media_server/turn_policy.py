@@ -51,6 +51,10 @@ class TurnPolicy:
         self._avatar_paused = False
         self._interrupted = False
 
+    @property
+    def last_voiced_end(self) -> float:
+        return self._last_voiced_end
+
     def windows_for(self, ms: float) -> int:
         """Silence is counted in whole windows: this many make ``ms``."""
         return math.ceil(ms / 1000 / self.window_s - 1e-6)

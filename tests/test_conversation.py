@@ -68,7 +68,7 @@ async def test_spoken_question_gets_a_lip_synced_spoken_answer(client_factory, r
     metrics = next(e["latency_ms"] for e in client.events_of("metrics") if "latency_ms" in e)
     gaps = [e["longest_gap_ms"] for e in client.events_of("metrics") if "longest_gap_ms" in e]
     assert len(gaps) == 1 and gaps[0] >= 0
-    assert set(metrics) >= {"transcript", "first_token", "first_tts_audio", "first_lipsync_frame", "first_audio_sent"}
+    assert set(metrics) >= {"transcript", "first_token", "first_clause", "first_tts_audio", "first_lipsync_frame", "first_audio_sent"}
 
     reply_audio = client.recording.audio_between(speaking_at, listening_at)
     idle_audio = client.recording.audio_between(idle_end - 1.5, idle_end)

@@ -196,3 +196,13 @@ def test_chat_messages_for_template_models_are_bounded_too(llm: LlamaCppLLM) -> 
     assert messages[3]["role"] == "user"
     recent_tokens = sum(llm.count_tokens(m["content"]) for m in messages[3:])
     assert 0.25 * LlamaCppLLM.Settings().max_history_tokens < recent_tokens < LlamaCppLLM.Settings().max_history_tokens
+
+
+def test_prepare_leaves_the_personas_preamble_in_the_cache_for_the_first_reply(llm: LlamaCppLLM) -> None:
+    llm.prepare(AVA)
+    preamble = llm._llama.tokenize(llm.build_prompt(AVA, []).encode("utf-8"))
+    cached = list(llm._llama._input_ids)  # what llama.cpp evaluated last, and reuses as a prefix
+    assert cached[: len(preamble)] == preamble
+    first_question = llm._llama.tokenize(llm.build_prompt(AVA, ask("What do bees make?")).encode("utf-8"))
+    shared = next((i for i, (a, b) in enumerate(zip(cached, first_question)) if a != b), len(cached))
+    assert len(first_question) - shared < 20  # the reply evaluates the question, not the persona again
