@@ -31,8 +31,8 @@ THUMBNAIL = 256
 LOUD_RMS = 0.02  # speech, not Opus's comfort noise
 
 
-def _is_loud(samples: np.ndarray) -> bool:
-    return float(np.sqrt(np.mean(samples**2))) > LOUD_RMS
+def _is_loud(samples: np.ndarray, threshold: float = LOUD_RMS) -> bool:
+    return float(np.sqrt(np.mean(samples**2))) > threshold
 
 
 class MicrophoneTrack(MediaStreamTrack):
@@ -110,9 +110,9 @@ class Recording:
         parts = [samples for at, samples in self.audio if start <= at < end]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
-    def first_loud_audio_after(self, start: float) -> float | None:
+    def first_loud_audio_after(self, start: float, threshold: float = LOUD_RMS) -> float | None:
         for at, samples in self.audio:
-            if at >= start and _is_loud(samples):
+            if at >= start and _is_loud(samples, threshold):
                 return at
         return None
 
