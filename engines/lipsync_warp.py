@@ -25,7 +25,8 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import cv2
@@ -383,8 +384,7 @@ class _AvatarRig:
             mx = math.floor(box.mouth_center[0] + 0.5)
             lip_row = math.floor(float(layout.lip_line(box, np.zeros(1))[0]) + 0.5)
             eyes = tuple(
-                _EyeRig.build(frame, (box.x0 + ex * box.width, box.y0 + ey * box.height), box)
-                for ex, ey in layout.eyes
+                _EyeRig.build(frame, (box.x0 + ex * box.width, box.y0 + ey * box.height), box) for ex, ey in layout.eyes
             )
             pivot = (box.center[0], box.y1 + HEAD_PIVOT_BELOW_H * box.height)
             origin = (mx - mouth.centre[0], lip_row - mouth.centre[1])
@@ -398,12 +398,15 @@ class _AvatarRig:
         )
 
     def plan_at(self, tick: int) -> _FramePlan:
+        return self.plans[self.frame_index_at(tick)]
+
+    def frame_index_at(self, tick: int) -> int:
         """Base frame for a tick: a video avatar plays forwards then backwards so the loop never jumps."""
         count = len(self.plans)
         if count == 1:
-            return self.plans[0]
+            return 0
         phase = tick % (2 * count - 2)
-        return self.plans[phase if phase < count else 2 * count - 2 - phase]
+        return phase if phase < count else 2 * count - 2 - phase
 
     def render(
         self, plan: _FramePlan, pose: _MouthPose, max_jaw_open: float, closure: float, motion: np.ndarray
@@ -556,6 +559,22 @@ class WarpLipSyncStream(LipSyncStream):
         with self._lock:
             self._segments.clear()
 
+    # --- as the base layer of another engine (Wav2Lip paints its mouth on these frames) -----------
+
+    def upcoming_frames(self, count: int) -> list[int]:
+        """Which avatar frame each of the next ``count`` ticks is based on."""
+        return [self.rig.frame_index_at(self._tick + i) for i in range(count)]
+
+    def painted_frame(self, paint: Callable[[np.ndarray, int], None], elapsed_frames: int = 1) -> np.ndarray:
+        """The next tick with the mouth closed, ``paint(image, frame_index)`` applied to the avatar frame
+        before blinks and head motion."""
+        with self._lock:
+            self._tick += elapsed_frames - 1
+            index = self.rig.frame_index_at(self._tick)
+            image = self.rig.plans[index].image.copy()
+            paint(image, index)
+            return self._render(replace(self.rig.plans[index], image=image), _MouthPose(0.0, 0.0))
+
     def _render_ready(self) -> list[AVFrame]:
         frames: list[AVFrame] = []
         spf = self.samples_per_frame
@@ -621,11 +640,11 @@ class WarpLipSyncStream(LipSyncStream):
             return 0.0
         return float(np.interp(elapsed, BLINK_TIMES_S, BLINK_CLOSURE))
 
-    def _render(self) -> np.ndarray:
-        plan = self.rig.plan_at(self._tick)
+    def _render(self, plan: _FramePlan | None = None, pose: _MouthPose | None = None) -> np.ndarray:
+        plan = self.rig.plan_at(self._tick) if plan is None else plan
+        pose = _MouthPose(self._openness, self._shape) if pose is None else pose
         closure = self._closure()
         motion = self._motion.matrix(self._tick, plan.pivot)
-        pose = _MouthPose(self._openness, self._shape)
         frame = self.rig.render(plan, pose, self.settings.max_jaw_open, closure, motion)
         self._tick += 1
         return frame

@@ -29,11 +29,10 @@ import pickle
 import threading
 import tomllib
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -42,15 +41,12 @@ from pydantic import Field
 from engines.avatar import Avatar, AvatarError
 from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming
 from engines.device import DeviceChoice, pick_device
-from engines.lipsync_warp import WarpLipSync, WarpLipSyncStream, _MouthPose
+from engines.lipsync_warp import WarpLipSync, WarpLipSyncStream
 from engines.paste_back import PasteRegion, face_crop, generator_input, paste
 from engines.registry import EngineConfigError
 from engines.wav2lip_audio import MEL_WINDOW, N_MELS, SAMPLE_RATE, StreamingMel, mel_window_start
 from engines.wav2lip_backends import BackendError, Wav2LipBackend, create_backend
 from engines.wav2lip_model import CheckpointError, Wav2LipGenerator, load_checkpoint
-
-if TYPE_CHECKING:
-    from engines.lipsync_warp import _AvatarRig
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +175,7 @@ class Wav2LipSync(LipSyncEngine):
             return self._warp.open_stream(avatar, fps, sample_rate)
         if fps <= 0 or sample_rate <= 0 or sample_rate % fps:
             raise ValueError(f"sample_rate {sample_rate} must be a positive multiple of fps {fps}")
-        base = _BaseLayer(self._warp._rig(avatar), self.settings.warp, fps, sample_rate)
+        base = self._warp.open_stream(avatar, fps, sample_rate)
         return Wav2LipStream(self.backend, self._prepare(avatar), base, self.settings.batch_size, fps, sample_rate)
 
     def _prepare(self, avatar: Avatar) -> _PreparedAvatar:
@@ -402,32 +398,6 @@ class _Segment:
         return min(1.0, fade_in, fade_out)
 
 
-class _BaseLayer(WarpLipSyncStream):
-    """The warp engine's idle animation with the mouth left closed; speaking frames paint onto its base frame."""
-
-    def __init__(self, rig: _AvatarRig, settings: WarpLipSync.Settings, fps: int, sample_rate: int) -> None:
-        super().__init__(rig, settings, fps, sample_rate)
-        self._index = {id(plan): i for i, plan in enumerate(self.rig.plans)}
-
-    def upcoming_frames(self, count: int) -> list[int]:
-        """Which avatar frame each of the next ``count`` ticks is based on."""
-        return [self._index[id(self.rig.plan_at(self._tick + i))] for i in range(count)]
-
-    def painted_frame(self, paint: Callable[[np.ndarray, int], None], elapsed_frames: int = 1) -> np.ndarray:
-        """The next tick, with ``paint(image, frame_index)`` applied to the base frame before blinks and motion."""
-        with self._lock:
-            self._tick += elapsed_frames - 1
-            plan = self.rig.plan_at(self._tick)
-            image = plan.image.copy()
-            paint(image, self._index[id(plan)])
-            closure = self._closure()
-            motion = self._motion.matrix(self._tick, plan.pivot)
-            closed = _MouthPose(0.0, 0.0)
-            frame = self.rig.render(replace(plan, image=image), closed, self.settings.max_jaw_open, closure, motion)
-            self._tick += 1
-            return frame
-
-
 @dataclass
 class _Afterglow:
     """The last generated face, fading out over the idle frames after a barge-in."""
@@ -443,7 +413,7 @@ class Wav2LipStream(LipSyncStream):
         self,
         backend: Wav2LipBackend,
         avatar: _PreparedAvatar,
-        base: _BaseLayer,
+        base: WarpLipSyncStream,
         batch_size: int,
         fps: int,
         sample_rate: int,
