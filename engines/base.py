@@ -167,6 +167,14 @@ class AVFrame:
     segment_end: bool = False  # last frame of a pushed segment
 
 
+def mono_samples(audio: np.ndarray) -> np.ndarray:
+    """``audio`` as float32 mono samples, or a ValueError saying what it is instead."""
+    samples = np.asarray(audio, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"audio must be mono (1-D), got shape {samples.shape}")
+    return samples
+
+
 class LipSyncStream(ABC):
     """Per-session generator, after LiveKit's VideoGenerator: push audio in, pull frames paired with audio.
 

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming
+from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming, mono_samples
 
 if TYPE_CHECKING:
     from engines.avatar import Avatar, FaceBox
@@ -525,9 +525,7 @@ class WarpLipSyncStream(LipSyncStream):
         self._lock = threading.Lock()
 
     def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
-        samples = np.asarray(audio, dtype=np.float32)
-        if samples.ndim != 1:
-            raise ValueError(f"audio must be mono (1-D), got shape {samples.shape}")
+        samples = mono_samples(audio)
         if not samples.size:
             return
         with self._lock:

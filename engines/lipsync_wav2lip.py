@@ -39,7 +39,7 @@ import torch
 from pydantic import Field
 
 from engines.avatar import Avatar, AvatarError
-from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming
+from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming, mono_samples
 from engines.device import DeviceChoice, pick_device
 from engines.lipsync_warp import WarpLipSync, WarpLipSyncStream
 from engines.paste_back import PasteRegion, face_crop, generator_input, paste
@@ -431,9 +431,7 @@ class Wav2LipStream(LipSyncStream):
         self._lock = threading.Lock()
 
     def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
-        samples = np.asarray(audio, dtype=np.float32)
-        if samples.ndim != 1:
-            raise ValueError(f"audio must be mono (1-D), got shape {samples.shape}")
+        samples = mono_samples(audio)
         if not samples.size:
             return
         with self._lock:
