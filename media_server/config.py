@@ -100,7 +100,7 @@ class TurnSettings(Strict):
     vad_threshold: float = Field(0.5, gt=0, lt=1)
     min_speech_ms: int = Field(150, ge=0)
     min_silence_ms: int = Field(500, ge=50)
-    speculative_silence_ms: int = Field(160, ge=0)  # 0 turns speculative replies off
+    speculative_silence_ms: int = Field(96, ge=0)  # 0 turns speculative replies off
     pause_avatar_after_ms: int = Field(64, ge=0)
     min_interruption_ms: int = Field(320, ge=0)
     false_interruption_timeout_ms: int = Field(400, ge=0)

@@ -46,7 +46,7 @@ async def test_a_speculative_reply_dropped_by_continued_speech_gives_one_answer(
     client = await client_factory()
     first, rate = project_voice(runtime, "What is the capital")
     second, _ = project_voice(runtime, "of France?")
-    # 300 ms of silence: longer than the speculative pause (160 ms), shorter than the end of a turn (500 ms).
+    # 300 ms of silence: longer than the speculative pause (96 ms), shorter than the end of a turn (500 ms).
     spoken = [silence(0.3, rate), trimmed(first), silence(0.3, rate), trimmed(second), silence(1.0, rate)]
     client.microphone.say(np.concatenate(spoken), rate)
 
