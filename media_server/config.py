@@ -111,7 +111,7 @@ class TurnSettings(Strict):
     first_chunk_priority: bool = True
     max_history_messages: int = Field(200, ge=2)
     echo_guard: bool = True
-    echo_correlation: float = Field(0.5, gt=0, le=1)
+    echo_correlation: float = Field(0.4, gt=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> TurnSettings:

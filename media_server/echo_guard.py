@@ -23,7 +23,7 @@ def _pre_emphasised(audio: np.ndarray, previous: float) -> np.ndarray:
 
 class EchoGuard:
     def __init__(
-        self, sample_rate: int = 16000, history_s: float = 1.0, threshold: float = 0.5, context_s: float = 0.2
+        self, sample_rate: int = 16000, history_s: float = 1.0, threshold: float = 0.4, context_s: float = 0.2
     ) -> None:
         self.threshold = threshold
         self._history = np.zeros(int(sample_rate * history_s), np.float32)
