@@ -1,4 +1,10 @@
-"""Split a stream of LLM text into pieces for TTS: the first clause early, then whole sentences."""
+"""Split a stream of LLM text into pieces for TTS: the first phrase early, then whole sentences.
+
+The first chunk is on the critical path to the avatar's first word: it ends at the first clause
+mark (or sentence end) once it has ``first_chunk_min_words`` words, or, when ``phrase_cut`` is on,
+just before a word that opens a new phrase ("Jupiter is the largest planet | in our solar system"),
+so the voice starts while the LLM is still writing the sentence.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,22 @@ import re
 
 SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)")
 CLAUSE_END = re.compile(r"[,;:—–]+(?=\s)")
+WORD = re.compile(r"\S+(?=\s)")  # a word known to be complete: something follows it
+# Prepositions, conjunctions and relative words a speaker naturally pauses before. "of" is left out:
+# "the capital | of France" splits a noun phrase a listener hears as one.
+PHRASE_OPENERS = frozenset(
+    "in on at with without for from to into onto by about through during before after since until "
+    "because although though while whereas unless if when where which who whose whom that than "
+    "and but or so as like near under over between among around across along".split()
+)
 
 
 class SpeechChunker:
     """Feed text deltas in; get speakable chunks out as soon as a boundary is known."""
 
-    def __init__(self, first_chunk_min_words: int = 4) -> None:
+    def __init__(self, first_chunk_min_words: int = 4, phrase_cut: bool = True) -> None:
         self.first_chunk_min_words = first_chunk_min_words
+        self.phrase_cut = phrase_cut
         self._pending = ""
         self._emitted_any = False
 
@@ -29,17 +44,22 @@ class SpeechChunker:
 
     def _take_chunk(self) -> str | None:
         boundary = _first_match_end(SENTENCE_END, self._pending)
+        mid_sentence = False
         if not self._emitted_any:
             clause = _first_clause_end(self._pending, self.first_chunk_min_words)
             if clause is not None and (boundary is None or clause < boundary):
                 boundary = clause
+            phrase = _first_phrase_start(self._pending, self.first_chunk_min_words) if self.phrase_cut else None
+            if phrase is not None and (boundary is None or phrase < boundary):
+                boundary, mid_sentence = phrase, True
         if boundary is None:
             return None
         chunk, self._pending = self._pending[:boundary].strip(), self._pending[boundary:]
         if not _speakable(chunk):
             return None if not self._pending.strip() else self._take_chunk()
         self._emitted_any = True
-        return chunk
+        # A trailing comma makes the voice end the phrase with a continuation, not a sentence's fall.
+        return f"{chunk}," if mid_sentence else chunk
 
 
 def _first_match_end(pattern: re.Pattern[str], text: str) -> int | None:
@@ -51,6 +71,14 @@ def _first_clause_end(text: str, min_words: int) -> int | None:
     for match in CLAUSE_END.finditer(text):
         if len(text[: match.end()].split()) >= min_words:
             return match.end()
+    return None
+
+
+def _first_phrase_start(text: str, min_words: int) -> int | None:
+    """Where the first complete phrase-opening word starts that has ``min_words`` words before it."""
+    for index, match in enumerate(WORD.finditer(text)):
+        if index >= min_words and match.group().lower() in PHRASE_OPENERS:
+            return match.start()
     return None
 
 

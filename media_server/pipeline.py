@@ -309,7 +309,7 @@ class Conversation:
             raise _first_leaf(group) from None
 
     async def _write_reply(self, turn: Turn, deltas: AsyncIterator[str], chunks: asyncio.Queue[str | None]) -> None:
-        chunker = SpeechChunker(self.settings.first_chunk_min_words)
+        chunker = SpeechChunker(self.settings.first_chunk_min_words, self.settings.first_chunk_at_phrase)
         async for delta in deltas:
             turn.mark("first_token")
             turn.reply += delta

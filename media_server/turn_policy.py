@@ -21,6 +21,9 @@ from media_server.config import TurnSettings
 HYSTERESIS = 0.15
 # Silence shorter than this between voiced windows still counts as one stretch of voice ("wait, stop").
 VOICE_GAP_MS = 200
+# ...but a stretch must be mostly voice to count as speech: scattered voiced windows (residual echo
+# of the avatar, clatter) bridged by those gaps would otherwise add up to an interruption.
+MIN_VOICED_SHARE = 0.6
 
 
 class TurnEventKind(Enum):
@@ -45,6 +48,7 @@ class TurnPolicy:
         self.window_s = window_s
         self.user_speaking = False
         self._voiced_since: float | None = None
+        self._voiced_windows = 0  # in the stretch since _voiced_since
         self._last_voiced_end = 0.0
         self._started_at = 0.0
         self._user_paused = False
@@ -69,6 +73,8 @@ class TurnPolicy:
         events: list[TurnEvent] = []
         if self._voiced_since is None:
             self._voiced_since = window_start
+            self._voiced_windows = 0
+        self._voiced_windows += 1
         self._last_voiced_end = window_start + self.window_s
         voiced_ms = (self._last_voiced_end - self._voiced_since) * 1000
         if self._user_paused:
@@ -78,18 +84,23 @@ class TurnPolicy:
             if not self._avatar_paused and voiced_ms >= self.settings.pause_avatar_after_ms:
                 self._avatar_paused = True
                 events.append(TurnEvent(TurnEventKind.AVATAR_PAUSE, self._voiced_since))
-            if voiced_ms >= self.settings.min_interruption_ms:
+            if self._sustained(voiced_ms, self.settings.min_interruption_ms):
                 self._interrupted = True
                 self._avatar_paused = False
                 events.append(TurnEvent(TurnEventKind.INTERRUPT, self._voiced_since))
         needed_ms = self.settings.min_interruption_ms if avatar_busy else self.settings.min_speech_ms
-        if not self.user_speaking and voiced_ms >= needed_ms:
+        if not self.user_speaking and self._sustained(voiced_ms, needed_ms):
             self.user_speaking = True
             self._started_at = self._voiced_since
             events.append(TurnEvent(TurnEventKind.USER_STARTED, self._voiced_since))
         if self.user_speaking and self._last_voiced_end - self._started_at >= self.settings.max_utterance_s:
             events.append(self._end())
         return events
+
+    def _sustained(self, stretch_ms: float, needed_ms: float) -> bool:
+        """Whether the current stretch of voice is long enough and mostly voiced."""
+        voiced_share = self._voiced_windows * self.window_s * 1000 / stretch_ms
+        return stretch_ms >= needed_ms and voiced_share >= MIN_VOICED_SHARE
 
     def _unvoiced(self, window_start: float) -> list[TurnEvent]:
         # Rounded to whole windows: the audio clock's float sum must not add or lose a window.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from media_server.chunker import SpeechChunker
@@ -90,6 +92,18 @@ def test_words_with_short_gaps_between_them_add_up_to_an_interruption():
     assert TurnEventKind.INTERRUPT in kinds(events)
 
 
+def test_scattered_voiced_windows_pause_the_avatar_but_never_interrupt_it():
+    # One voiced window in every five (residual echo, clatter): each gap is short enough to bridge,
+    # so the stretch spans well over min_interruption_ms, but it is mostly silence.
+    policy = TurnPolicy(
+        TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW
+    )
+    events = _feed(policy, [(0.9, 1), (0.0, 4)] * 12 + [(0.0, 20)], avatar_busy=True)
+    assert TurnEventKind.INTERRUPT not in kinds(events)
+    assert TurnEventKind.USER_STARTED not in kinds(events)
+    assert kinds(events)[-1] == TurnEventKind.AVATAR_RESUME
+
+
 def test_a_cough_pauses_the_avatar_and_it_resumes():
     policy = TurnPolicy(
         TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW
@@ -111,6 +125,39 @@ def test_chunker_sends_first_clause_early_then_sentences():
         out += chunker.feed(delta)
     out += chunker.flush()
     assert out == ["Well, the capital of France,", "as you know, is Paris.", "It is big!"]
+
+
+def _chunks(text: str, chunker: SpeechChunker) -> list[str]:
+    out = []
+    for token in re.findall(r"\s*\S+", text):  # word by word, as an LLM streams it
+        out += chunker.feed(token)
+    return out + chunker.flush()
+
+
+def test_chunker_starts_speaking_before_a_phrase_once_it_has_enough_words():
+    assert _chunks("Jupiter is the largest planet in our solar system. It is huge.", SpeechChunker()) == [
+        "Jupiter is the largest planet,",
+        "in our solar system.",
+        "It is huge.",
+    ]
+    # Too few words before the phrase ("The sun rises"), and "of" binds its noun phrase: one chunk each.
+    assert _chunks("The sun rises in the east.", SpeechChunker()) == ["The sun rises in the east."]
+    assert _chunks("The capital of France is Paris.", SpeechChunker()) == ["The capital of France is Paris."]
+    # Only the first chunk is cut early; later sentences stay whole.
+    assert _chunks("Yes. It is the largest planet in the sky.", SpeechChunker(first_chunk_min_words=1)) == [
+        "Yes.",
+        "It is the largest planet in the sky.",
+    ]
+
+
+def test_chunker_waits_until_the_phrase_word_is_complete_and_can_be_turned_off():
+    chunker = SpeechChunker()
+    assert chunker.feed("Jupiter is the largest planet in") == []  # "in" could still become "inside"
+    assert chunker.feed("side") == []
+    assert chunker.feed(" our") == []
+    assert _chunks("Jupiter is the largest planet in our solar system.", SpeechChunker(phrase_cut=False)) == [
+        "Jupiter is the largest planet in our solar system."
+    ]
 
 
 def test_chunker_flushes_text_without_punctuation_and_skips_empty():
