@@ -15,11 +15,12 @@ CLAUSE_END = re.compile(r"[,;:—–]+(?=\s)")
 WORD = re.compile(r"\S+(?=\s)")  # a word known to be complete: something follows it
 # Prepositions, conjunctions and relative words a speaker naturally pauses before. "of" is left out:
 # "the capital | of France" splits a noun phrase a listener hears as one.
-PHRASE_OPENERS = frozenset(
+OPENER_WORDS = (
     "in on at with without for from to into onto by about through during before after since until "
     "because although though while whereas unless if when where which who whose whom that than "
-    "and but or so as like near under over between among around across along".split()
+    "and but or so as like near under over between among around across along"
 )
+PHRASE_OPENERS = frozenset(OPENER_WORDS.split())
 
 
 class SpeechChunker:
