@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from engines.avatar import Avatar
 
 
+class EngineConfigError(ValueError):
+    """An engine name or option in the configuration is wrong; the message says which and why."""
+
+
 class EngineSettings(BaseModel):
     """Base of every engine's own settings model: unknown keys are an error."""
 
@@ -214,6 +218,13 @@ class LipSyncEngine(Engine):
 
     @abstractmethod
     def open_stream(self, avatar: Avatar, fps: int, sample_rate: int) -> LipSyncStream: ...
+
+    def use_enhancer(self, enhancer: FaceEnhancer) -> None:
+        """Restore every generated face with ``enhancer`` before it is pasted into the frame."""
+        raise EngineConfigError(
+            f"the {type(self).__name__} lip-sync engine generates no face to enhance: "
+            "use the face enhancer with lipsync.engine = 'wav2lip', or remove the [enhancer] section"
+        )
 
 
 # --- Face enhancer -----------------------------------------------------------

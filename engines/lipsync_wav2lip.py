@@ -39,11 +39,19 @@ import torch
 from pydantic import Field
 
 from engines.avatar import Avatar, AvatarError
-from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming, mono_samples
+from engines.base import (
+    AVFrame,
+    EngineConfigError,
+    EngineSettings,
+    FaceEnhancer,
+    LipSyncEngine,
+    LipSyncStream,
+    PhonemeTiming,
+    mono_samples,
+)
 from engines.device import DeviceChoice, pick_device
 from engines.lipsync_warp import WarpLipSync, WarpLipSyncStream
 from engines.paste_back import PasteRegion, face_crop, generator_input, paste
-from engines.registry import EngineConfigError
 from engines.wav2lip_audio import MEL_WINDOW, N_MELS, SAMPLE_RATE, StreamingMel, mel_window_start
 from engines.wav2lip_backends import BackendError, Wav2LipBackend, create_backend
 from engines.wav2lip_model import CheckpointError, Wav2LipGenerator, load_checkpoint
@@ -120,6 +128,7 @@ class Wav2LipSync(LipSyncEngine):
         self.fallback_reason: str | None = None
         self.backend: Wav2LipBackend | None = None
         self.device: DeviceChoice | None = None
+        self.enhancer: FaceEnhancer | None = None
         if not self.checkpoint.is_file():
             message = missing_checkpoint_message(self.checkpoint, configured)
             if not settings.fallback_to_warp:
@@ -170,13 +179,20 @@ class Wav2LipSync(LipSyncEngine):
         if self.backend is not None:
             self._prepare(avatar)
 
+    def use_enhancer(self, enhancer: FaceEnhancer) -> None:
+        if self.backend is None:
+            super().use_enhancer(enhancer)  # the warp fallback generates no face
+        self.enhancer = enhancer
+
     def open_stream(self, avatar: Avatar, fps: int, sample_rate: int) -> LipSyncStream:
         if self.backend is None:
             return self._warp.open_stream(avatar, fps, sample_rate)
         if fps <= 0 or sample_rate <= 0 or sample_rate % fps:
             raise ValueError(f"sample_rate {sample_rate} must be a positive multiple of fps {fps}")
         base = self._warp.open_stream(avatar, fps, sample_rate)
-        return Wav2LipStream(self.backend, self._prepare(avatar), base, self.settings.batch_size, fps, sample_rate)
+        return Wav2LipStream(
+            self.backend, self._prepare(avatar), base, self.settings.batch_size, fps, sample_rate, self.enhancer
+        )
 
     def _prepare(self, avatar: Avatar) -> _PreparedAvatar:
         assert self.backend is not None
@@ -417,8 +433,10 @@ class Wav2LipStream(LipSyncStream):
         batch_size: int,
         fps: int,
         sample_rate: int,
+        enhancer: FaceEnhancer | None = None,
     ) -> None:
         self.backend = backend
+        self.enhance = enhancer.enhance if enhancer is not None else None
         self.avatar = avatar
         self.base = base
         self.batch_size = batch_size
@@ -489,4 +507,4 @@ class Wav2LipStream(LipSyncStream):
         return frames
 
     def _paste(self, face: np.ndarray, strength: float, image: np.ndarray, frame_index: int) -> None:
-        paste(image, face, self.avatar.regions[frame_index], strength)
+        paste(image, face, self.avatar.regions[frame_index], strength, self.enhance)

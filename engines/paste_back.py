@@ -12,6 +12,7 @@ mouth, cheeks and chin. The ellipse fades to zero well inside the crop, so no re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -120,15 +121,24 @@ def match_colours(generated: np.ndarray, region: PasteRegion) -> np.ndarray:
     return np.clip(cv2.cvtColor(matched.astype(np.float32), cv2.COLOR_Lab2BGR), 0.0, 1.0)
 
 
-def paste(frame: np.ndarray, generated: np.ndarray, region: PasteRegion, strength: float = 1.0) -> None:
+def paste(
+    frame: np.ndarray,
+    generated: np.ndarray,
+    region: PasteRegion,
+    strength: float = 1.0,
+    enhance: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> None:
     """Blend the generated (96, 96, 3) BGR [0, 1] face into ``frame`` (uint8 BGR) in place.
 
-    ``strength`` scales the blend, so speech can fade in from and out to the avatar's own mouth.
+    ``strength`` scales the blend, so speech can fade in from and out to the avatar's own mouth;
+    ``enhance`` (a face enhancer) restores the face at the crop's size before it is blended.
     """
     if strength <= 0.0:
         return
     crop = region.crop
     face = cv2.resize(match_colours(generated, region), (crop.width, crop.height), interpolation=cv2.INTER_CUBIC)
+    if enhance is not None:
+        face = enhance(np.clip(face * 255.0 + 0.5, 0, 255).astype(np.uint8)).astype(np.float32) / 255.0
     target = crop.cut(frame)
     original = target.astype(np.float32)
     alpha = region.alpha * strength if strength < 1.0 else region.alpha

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from pydantic import ValidationError
 
-from engines.base import Engine
+from engines.base import Engine, EngineConfigError
 
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "vad": {"silero": "engines.vad_silero:SileroVAD"},
@@ -24,10 +24,6 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     },
     "enhancer": {"gfpgan": "engines.enhancer_gfpgan:GFPGANEnhancer"},
 }
-
-
-class EngineConfigError(ValueError):
-    """An engine name or option in the configuration is wrong; the message says which and why."""
 
 
 def engine_class(stage: str, name: str) -> type[Engine]:

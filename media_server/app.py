@@ -21,6 +21,7 @@ from media_server.app_state import (
     RUNTIME,
     SESSIONS,
     choices_from,
+    conversation_setup,
     refusal_when_full,
     update_session_gauge,
 )
@@ -35,7 +36,9 @@ log = logging.getLogger(__name__)
 
 
 @web.middleware
-async def errors_as_json(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Every failure becomes a JSON body with a status; no stack trace ever reaches a client."""
     try:
         return await handler(request)
@@ -55,7 +58,7 @@ async def _read_offer(request: web.Request) -> dict[str, object]:
     try:
         body = await request.json()
     except (ValueError, UnicodeDecodeError):
-        raise web.HTTPBadRequest(text="body must be JSON: {\"sdp\": ..., \"type\": \"offer\"}") from None
+        raise web.HTTPBadRequest(text='body must be JSON: {"sdp": ..., "type": "offer"}') from None
     if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
         raise web.HTTPBadRequest(text='body must be a JSON object with a string "sdp" and "type": "offer"')
     if "m=" not in body["sdp"] or not body["sdp"].startswith("v=0"):
@@ -75,12 +78,7 @@ async def offer(request: web.Request) -> web.Response:
     except AvatarError as error:
         return json_error(422, "bad_avatar", f"avatar {chosen.avatar!r} cannot be used: {error}")
     session = Session(
-        settings=runtime.settings,
-        engines=runtime.engines,
-        metrics=request.app[METRICS],
-        avatar=avatar,
-        persona=runtime.personas[chosen.persona],
-        voice=chosen.voice,
+        setup=conversation_setup(runtime, request.app[METRICS], avatar, chosen),
         on_closed=lambda s: _forget(request.app, s),
     )
     sessions[session.id] = session
@@ -108,7 +106,9 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "sessions": len(request.app[SESSIONS]), "broadcasts": len(request.app[BROADCASTS])})
+    return web.json_response(
+        {"status": "ok", "sessions": len(request.app[SESSIONS]), "broadcasts": len(request.app[BROADCASTS])}
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -158,7 +158,9 @@ async def _close_sessions(app: web.Application) -> None:
 
 def create_app(runtime: Runtime) -> web.Application:
     server = runtime.settings.server
-    app = web.Application(client_max_size=server.max_body_bytes, middlewares=[access_middleware(server), errors_as_json])
+    app = web.Application(
+        client_max_size=server.max_body_bytes, middlewares=[access_middleware(server), errors_as_json]
+    )
     app[RUNTIME] = runtime
     app[SESSIONS] = {}
     app[METRICS] = ServerMetrics()
@@ -178,4 +180,3 @@ def create_app(runtime: Runtime) -> web.Application:
     app.router.add_static("/static/", server.static_dir)
     app.on_shutdown.append(_close_sessions)
     return app
-

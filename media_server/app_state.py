@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from engines.avatar import Avatar
 from media_server.access import json_error
 from media_server.metrics import ServerMetrics
+from media_server.pipeline import ConversationSetup
 from media_server.runtime import Runtime
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -40,6 +42,17 @@ def choices_from(body: dict[str, object], runtime: Runtime) -> Choices:
     persona = _choice(body.get("persona"), list(runtime.personas), "persona", server.default_persona)
     voice = _choice(body.get("voice"), runtime.engines.tts.voices, "voice", runtime.voice_for(persona))
     return Choices(avatar, persona, voice)
+
+
+def conversation_setup(runtime: Runtime, metrics: ServerMetrics, avatar: Avatar, chosen: Choices) -> ConversationSetup:
+    return ConversationSetup(
+        settings=runtime.settings,
+        engines=runtime.engines,
+        metrics=metrics,
+        avatar=avatar,
+        persona=runtime.personas[chosen.persona],
+        voice=chosen.voice,
+    )
 
 
 def open_sessions(app: web.Application) -> int:

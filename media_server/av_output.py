@@ -52,6 +52,9 @@ class OutputTrack(MediaStreamTrack):
         self.kind = kind
         self._frames: asyncio.Queue[av.AudioFrame | av.VideoFrame] = asyncio.Queue()
         self.dropped = 0
+        # Called with each frame as its consumer (the WebRTC sender) takes it: when it leaves, which
+        # is later than when it was offered whenever the encoder falls behind.
+        self.on_taken: Callable[[av.AudioFrame | av.VideoFrame], None] = lambda frame: None
 
     def offer(self, frame: av.AudioFrame | av.VideoFrame) -> None:
         if self._frames.qsize() >= MAX_TRACK_BACKLOG:  # the consumer stalled: keep the newest
@@ -62,7 +65,9 @@ class OutputTrack(MediaStreamTrack):
     async def recv(self) -> av.AudioFrame | av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        return await self._frames.get()
+        frame = await self._frames.get()
+        self.on_taken(frame)
+        return frame
 
 
 class AVTimeline:
@@ -81,7 +86,6 @@ class AVTimeline:
         self.samples_per_frame = sample_rate // fps
         self.idle_stride = max(1, round(fps / (idle_fps or fps)))
         self.on_playback: Callable[[PlaybackEvent], None] = lambda event: None
-        self.on_audio: Callable[[np.ndarray, bool], None] = lambda audio, speech: None
         # Every tick's picture (BGR; None when idle video skipped the tick) and audio (float32 mono), for
         # consumers other than the tracks (RTMP push).
         self.on_frame: Callable[[np.ndarray | None, np.ndarray], None] = lambda picture, audio: None
@@ -163,7 +167,6 @@ class AVTimeline:
                 picture = await loop.run_in_executor(self.lipsync_executor, self.lipsync.idle_frame, elapsed)
         self._send(picture, audio)
         self.on_frame(picture, audio)
-        self.on_audio(audio, queued is not None)
         if queued is not None:
             self._report(queued)
         elif self._playing_turn is not None and not self.paused:

@@ -14,6 +14,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -53,14 +54,17 @@ class ServerProcess:
         for pair in [*args.set, *extra_settings]:
             command += ["--set", pair]
         command += ["--set", f"server.max_sessions={IDLE_SESSIONS + 2}", "serve", "--port", str(self.port)]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # A file, not a pipe: nobody reads the server's log during the run, and a full pipe would stall it.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the server runs
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited: {self.process.stderr.read().decode()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read().decode(errors='replace')[-2000:]}")
             try:
                 urllib.request.urlopen(self.url + "/healthz", timeout=1)
                 return
@@ -81,6 +85,7 @@ class ServerProcess:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+        self.log.close()
 
 
 def _voices(tts: TTSEngine, n: int) -> list[tuple[str, str, np.ndarray, int]]:
@@ -121,6 +126,7 @@ async def _ask(client: LoopbackClient, question: str, audio: np.ndarray, rate: i
     transcript = await client.wait_for(lambda e: e.get("type") == "transcript" and e.get("final"), 60, start)
     metrics = await client.wait_for(lambda e: e.get("type") == "metrics" and "latency_ms" in e, 60, start)
     playback = await client.wait_for(lambda e: e.get("type") == "metrics" and "longest_gap_ms" in e, 90, start)
+    reply = await client.wait_for(lambda e: e.get("type") == "reply" and e.get("final"), 30, start)
     speech_end = client.microphone.clip_ended[-1]
     heard = client.recording.first_loud_audio_after(speech_end)
     await asyncio.sleep(0.5)
@@ -128,6 +134,7 @@ async def _ask(client: LoopbackClient, question: str, audio: np.ndarray, rate: i
         "question": question,
         "transcript": transcript["text"],
         "wer": word_error_rate(question, transcript["text"]),
+        "reply": reply.get("text", ""),
         "server_ms": metrics["latency_ms"],
         "longest_gap_ms": playback["longest_gap_ms"],
         "client_end_of_speech_to_audio_ms": round((heard - speech_end) * 1000, 1) if heard else None,

@@ -28,11 +28,10 @@ from collections.abc import Callable
 import av
 import numpy as np
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from engines.avatar import Avatar, AvatarError
-from engines.base import EngineSet, Persona
 from media_server.access import json_error
 from media_server.app_state import (
     BROADCASTS,
@@ -40,16 +39,16 @@ from media_server.app_state import (
     RUNTIME,
     Choices,
     choices_from,
+    conversation_setup,
     refusal_when_full,
     update_session_gauge,
 )
 from media_server.av_output import OutputTrack
-from media_server.config import Settings
-from media_server.metrics import ServerMetrics
-from media_server.pipeline import ConversationMedia
+from media_server.pipeline import ConversationMedia, ConversationSetup
 from media_server.rtmp import RtmpPusher
 from media_server.runtime import Runtime
 from media_server.session import MAX_TEXT_CHARS
+from media_server.webrtc_tuning import rtc_configuration
 
 log = logging.getLogger(__name__)
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -88,9 +87,9 @@ def _copier(frame: av.AudioFrame | av.VideoFrame) -> Callable[[], av.AudioFrame 
 class Viewer:
     """One receive-only peer: its own tracks (fed by the session's pump) and, if it asked, an `events` channel."""
 
-    def __init__(self, ice: list[RTCIceServer]) -> None:
+    def __init__(self, configuration: RTCConfiguration) -> None:
         self.id = uuid.uuid4().hex
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice or None))
+        self.pc = RTCPeerConnection(configuration)
         self.tracks = {"audio": OutputTrack("audio"), "video": OutputTrack("video")}
         self.channel: RTCDataChannel | None = None
         self.created = time.monotonic()
@@ -112,20 +111,13 @@ class BroadcastSession:
         self,
         *,
         session_id: str,
-        settings: Settings,
-        engines: EngineSet,
-        metrics: ServerMetrics,
-        avatar: Avatar,
-        persona: Persona,
-        voice: str,
+        setup: ConversationSetup,
         on_closed: Callable[[BroadcastSession], None],
     ) -> None:
         self.id = session_id
-        self.settings = settings
-        self.metrics = metrics
-        self.avatar = avatar
-        self.persona = persona
-        self.voice = voice
+        self.setup = setup
+        self.settings = setup.settings
+        self.metrics = setup.metrics
         self._on_closed = on_closed
         self.closed = False
         self.state = "listening"
@@ -133,19 +125,7 @@ class BroadcastSession:
         self.pushers: list[RtmpPusher] = []
         self._reply_waiters: list[asyncio.Future[dict[str, object]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ice = [
-            RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers
-        ]
-        self.media = ConversationMedia.open(
-            name=session_id,
-            settings=settings,
-            engines=engines,
-            metrics=metrics,
-            avatar=avatar,
-            persona=persona,
-            voice=voice,
-            emit=self._on_event,
-        )
+        self.media = ConversationMedia.open(session_id, setup, self._on_event)
         self.timeline, self.conversation = self.media.timeline, self.media.conversation
         self.timeline.on_frame = self._on_frame
 
@@ -184,7 +164,7 @@ class BroadcastSession:
         """Answer a receive-only offer (its answer is ``viewer.pc.localDescription``)."""
         if len(self.viewers) >= self.settings.broadcast.max_viewers:
             raise ViewerLimitReached(f"broadcast {self.id!r} already has {len(self.viewers)} viewers, its limit")
-        viewer = Viewer(self._ice)
+        viewer = Viewer(rtc_configuration(self.settings))
         viewer.pc.on("datachannel", lambda channel: self._on_viewer_channel(viewer, channel))
 
         @viewer.pc.on("connectionstatechange")
@@ -287,9 +267,7 @@ class BroadcastSession:
         return {
             "type": "session",
             "session_id": self.id,
-            "avatar": self.avatar.name,
-            "persona": self.persona.name,
-            "voice": self.voice,
+            **self.setup.names(),
             "broadcast": True,
         }
 
@@ -310,9 +288,7 @@ class BroadcastSession:
     def describe(self) -> dict[str, object]:
         return {
             "session_id": self.id,
-            "avatar": self.avatar.name,
-            "persona": self.persona.name,
-            "voice": self.voice,
+            **self.setup.names(),
             "state": self.state,
             "viewers": len(self.viewers),
             "rtmp": [pusher.describe() for pusher in self.pushers],
@@ -387,12 +363,7 @@ def start_broadcast(app: web.Application, session_id: str, chosen: Choices, avat
     runtime = app[RUNTIME]
     session = BroadcastSession(
         session_id=session_id,
-        settings=runtime.settings,
-        engines=runtime.engines,
-        metrics=app[METRICS],
-        avatar=avatar,
-        persona=runtime.personas[chosen.persona],
-        voice=chosen.voice,
+        setup=conversation_setup(runtime, app[METRICS], avatar, chosen),
         on_closed=lambda s: _forget(app, s),
     )
     app[BROADCASTS][session_id] = session

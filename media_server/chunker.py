@@ -26,7 +26,7 @@ PHRASE_OPENERS = frozenset(OPENER_WORDS.split())
 class SpeechChunker:
     """Feed text deltas in; get speakable chunks out as soon as a boundary is known."""
 
-    def __init__(self, first_chunk_min_words: int = 4, phrase_cut: bool = True) -> None:
+    def __init__(self, first_chunk_min_words: int = 3, phrase_cut: bool = True) -> None:
         self.first_chunk_min_words = first_chunk_min_words
         self.phrase_cut = phrase_cut
         self._pending = ""

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from engines.registry import EngineConfigError
+from engines.base import EngineConfigError
 from media_server.config import ConfigError, ServerSettings, Settings, load_settings
 
 

@@ -107,7 +107,7 @@ class TurnSettings(Strict):
     pre_roll_ms: int = Field(300, ge=0)
     partial_interval_ms: int = Field(800, ge=100)
     max_utterance_s: float = Field(20.0, gt=1)
-    first_chunk_min_words: int = Field(4, ge=1)
+    first_chunk_min_words: int = Field(3, ge=1)
     first_chunk_at_phrase: bool = True
     first_chunk_priority: bool = True
     max_history_messages: int = Field(200, ge=2)

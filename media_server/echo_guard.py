@@ -1,7 +1,8 @@
 """Keeps the avatar from interrupting itself when its own voice comes back through a kiosk's speakers.
 
 Browsers cancel most echo; what leaks through is the avatar's audio, delayed and attenuated. The
-guard keeps the last second of what the session played and the last ``context_s`` of what the
+guard keeps the last second of what the session sent (as the WebRTC sender takes it, so audio
+queued behind a busy encoder does not count as older than it is) and the last ``context_s`` of what the
 microphone heard, and flags the microphone as echo when that stretch correlates strongly with a
 stretch of the output at one delay. Both are pre-emphasised first: voiced speech is dominated by
 low, periodic harmonics, and any two voices then correlate by chance over a few tens of
@@ -32,13 +33,13 @@ class EchoGuard:
         self._last_heard = 0.0
         self._played_recently = False
 
-    def played(self, audio_48k: np.ndarray, speech: bool) -> None:
-        """Record one tick of output audio (silence too, so the history stays aligned in time)."""
+    def played(self, audio_48k: np.ndarray) -> None:
+        """Record one packet of output audio (silence too, so the history stays aligned in time)."""
         decimated = audio_48k[: len(audio_48k) // DECIMATION * DECIMATION].reshape(-1, DECIMATION).mean(axis=1)
         emphasised = _pre_emphasised(decimated, self._last_played)
         self._last_played = float(decimated[-1]) if len(decimated) else self._last_played
         self._history = np.concatenate([self._history[len(emphasised) :], emphasised.astype(np.float32)])
-        self._played_recently = speech or self._played_recently and bool(np.any(self._history))
+        self._played_recently = bool(np.any(audio_48k)) or self._played_recently and bool(np.any(self._history))
 
     def heard(self, window: np.ndarray) -> None:
         """Record one microphone window (every one, so the context is contiguous)."""

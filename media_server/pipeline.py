@@ -18,7 +18,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engines.avatar import Avatar
 from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, PhonemeTiming
-from media_server.audio import MicrophoneResampler, resample
+from media_server.audio import MicrophoneResampler, pcm_samples, resample
 from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
 from media_server.chunker import SpeechChunker
 from media_server.config import Settings, TurnSettings
@@ -108,7 +108,7 @@ class Conversation:
         timeline.on_playback = self._on_playback
         self._echo = EchoGuard(engines.vad.sample_rate, threshold=turn_settings.echo_correlation)
         if turn_settings.echo_guard:
-            timeline.on_audio = self._echo.played
+            timeline.audio.on_taken = lambda frame: self._echo.played(pcm_samples(frame))
         self.echo_windows = 0
 
     # --- microphone ----------------------------------------------------------
@@ -466,6 +466,22 @@ class Conversation:
         self.timeline.clear()
 
 
+@dataclass(frozen=True)
+class ConversationSetup:
+    """Who talks and with what: the server's shared settings, engines and metrics, and the session's avatar,
+    persona and voice. Every kind of session (talk, broadcast) is opened from one."""
+
+    settings: Settings
+    engines: EngineSet
+    metrics: ServerMetrics
+    avatar: Avatar
+    persona: Persona
+    voice: str
+
+    def names(self) -> dict[str, str]:
+        return {"avatar": self.avatar.name, "persona": self.persona.name, "voice": self.voice}
+
+
 @dataclass
 class ConversationMedia:
     """A conversation wired to its output timeline and its lip-sync thread: what every kind of session runs."""
@@ -475,32 +491,21 @@ class ConversationMedia:
     lipsync_executor: ThreadPoolExecutor
 
     @classmethod
-    def open(
-        cls,
-        *,
-        name: str,
-        settings: Settings,
-        engines: EngineSet,
-        metrics: ServerMetrics,
-        avatar: Avatar,
-        persona: Persona,
-        voice: str,
-        emit: Emit,
-    ) -> ConversationMedia:
+    def open(cls, name: str, setup: ConversationSetup, emit: Emit) -> ConversationMedia:
         # One thread per session for lip-sync, so its stream object is only ever touched by one thread.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lipsync-{name[:6]}")
-        media = settings.media
-        lipsync = engines.lipsync.open_stream(avatar, media.fps, media.sample_rate)
+        media = setup.settings.media
+        lipsync = setup.engines.lipsync.open_stream(setup.avatar, media.fps, media.sample_rate)
         timeline = AVTimeline(lipsync, executor, media.fps, media.sample_rate, media.idle_fps)
         conversation = Conversation(
-            engines=engines,
-            turn_settings=settings.turn,
-            persona=persona,
-            voice=voice,
+            engines=setup.engines,
+            turn_settings=setup.settings.turn,
+            persona=setup.persona,
+            voice=setup.voice,
             lipsync=lipsync,
             lipsync_executor=executor,
             timeline=timeline,
-            metrics=metrics,
+            metrics=setup.metrics,
             emit=emit,
         )
         return cls(conversation, timeline, executor)

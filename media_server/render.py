@@ -23,8 +23,8 @@ import av
 import numpy as np
 
 from engines.avatar import AvatarCatalogue, AvatarError
-from engines.base import AVFrame, LipSyncEngine
-from engines.registry import EngineConfigError, create_engine
+from engines.base import AVFrame, EngineConfigError, FaceEnhancer, LipSyncEngine
+from engines.registry import create_engine
 from media_server.avatars_cli import Progress
 from media_server.config import Settings
 
@@ -104,6 +104,11 @@ def _engine(settings: Settings) -> LipSyncEngine:
     engine = create_engine("lipsync", settings.lipsync.engine, settings.lipsync.options)
     assert isinstance(engine, LipSyncEngine)
     engine.warm_up()
+    if settings.enhancer is not None:  # offline, a CPU has time for it
+        enhancer = create_engine("enhancer", settings.enhancer.engine, settings.enhancer.options)
+        assert isinstance(enhancer, FaceEnhancer)
+        enhancer.warm_up()
+        engine.use_enhancer(enhancer)
     return engine
 
 

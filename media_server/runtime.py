@@ -32,6 +32,8 @@ def build_engines(settings: Settings, warm_up: bool = True) -> EngineSet:
         lipsync=make("lipsync"),
         enhancer=make("enhancer") if settings.enhancer is not None else None,
     )
+    if engines.enhancer is not None:
+        engines.lipsync.use_enhancer(engines.enhancer)
     engines.descriptions = {
         stage: {"engine": getattr(settings, stage).engine, **engine.describe()}
         for stage, engine in (

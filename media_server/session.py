@@ -10,15 +10,11 @@ import time
 import uuid
 from collections.abc import Callable
 
-from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
-from engines.avatar import Avatar
-from engines.base import EngineSet, Persona
-from media_server.config import Settings
-from media_server.metrics import ServerMetrics
-from media_server.pipeline import ConversationMedia
-from media_server.webrtc_tuning import set_audio_jitter_buffer
+from media_server.pipeline import ConversationMedia, ConversationSetup
+from media_server.webrtc_tuning import rtc_configuration, set_audio_jitter_buffer
 
 log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 2000
@@ -28,41 +24,21 @@ WATCHDOG_PERIOD_S = 1.0
 class Session:
     def __init__(
         self,
-        *,
-        settings: Settings,
-        engines: EngineSet,
-        metrics: ServerMetrics,
-        avatar: Avatar,
-        persona: Persona,
-        voice: str,
+        setup: ConversationSetup,
         on_closed: Callable[[Session], None],
     ) -> None:
         self.id = uuid.uuid4().hex
-        self.settings = settings
-        self.metrics = metrics
-        self.avatar = avatar
-        self.persona = persona
-        self.voice = voice
+        self.setup = setup
+        self.settings = setup.settings
+        self.metrics = setup.metrics
         self._on_closed = on_closed
         self.closed = False
         self.channel: RTCDataChannel | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._has_microphone = False
         self.created = time.monotonic()
-        ice = [
-            RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers
-        ]
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice or None))
-        self.media = ConversationMedia.open(
-            name=self.id,
-            settings=settings,
-            engines=engines,
-            metrics=metrics,
-            avatar=avatar,
-            persona=persona,
-            voice=voice,
-            emit=self.send_event,
-        )
+        self.pc = RTCPeerConnection(rtc_configuration(self.settings))
+        self.media = ConversationMedia.open(self.id, setup, self.send_event)
         self.timeline, self.conversation = self.media.timeline, self.media.conversation
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
@@ -101,9 +77,7 @@ class Session:
             {
                 "type": "session",
                 "session_id": self.id,
-                "avatar": self.avatar.name,
-                "persona": self.persona.name,
-                "voice": self.voice,
+                **self.setup.names(),
             }
         )
         self.send_event({"type": "state", "state": "listening"})

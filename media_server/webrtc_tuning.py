@@ -1,4 +1,5 @@
-"""An aiortc setting it does not expose: how long received audio waits in the jitter buffer.
+"""How Facecast configures aiortc peer connections: ICE servers from the settings, and a setting
+aiortc does not expose, how long received audio waits in the jitter buffer.
 
 aiortc hands a received audio packet to the decoder only once four more have arrived, ~80 ms at
 20 ms per packet. Every millisecond of it delays the VAD: the end of the user's turn, and the
@@ -10,10 +11,18 @@ from __future__ import annotations
 
 import logging
 
-from aiortc import RTCPeerConnection
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
 
+from media_server.config import Settings
+
 log = logging.getLogger(__name__)
+
+
+def rtc_configuration(settings: Settings) -> RTCConfiguration:
+    """The STUN/TURN servers of ``server.ice_servers`` (none: aiortc's defaults)."""
+    ice = [RTCIceServer(urls=s.urls, username=s.username, credential=s.credential) for s in settings.server.ice_servers]
+    return RTCConfiguration(iceServers=ice or None)
 
 
 def set_audio_jitter_buffer(pc: RTCPeerConnection, track: MediaStreamTrack, packets: int) -> bool:

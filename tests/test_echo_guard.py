@@ -42,7 +42,7 @@ def flagged_share(microphone: np.ndarray, avatar: np.ndarray, rate: int) -> floa
     played = resample(avatar, rate, 48000)
     flags, position = [], 0
     for tick in range(len(played) // TICK_48K):
-        guard.played(played[tick * TICK_48K : (tick + 1) * TICK_48K], speech=True)
+        guard.played(played[tick * TICK_48K : (tick + 1) * TICK_48K])
         while position + WINDOW <= (tick + 1) * RATE // 25:
             window = microphone[position : position + WINDOW]
             position += WINDOW

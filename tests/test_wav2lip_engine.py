@@ -20,10 +20,10 @@ import torch
 from aiohttp import web
 
 from engines.avatar import Avatar, load_avatar
-from engines.base import AVFrame
+from engines.base import AVFrame, EngineConfigError
 from engines.lipsync_warp import WarpLipSyncStream
 from engines.lipsync_wav2lip import FADE_FRAMES, Wav2LipStream, Wav2LipSync
-from engines.registry import EngineConfigError, create_engine
+from engines.registry import create_engine
 from engines.wav2lip_model import deterministic_state_dict
 from media_server.app import SESSIONS, create_app
 from media_server.audio import resample
