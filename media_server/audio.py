@@ -18,11 +18,6 @@ def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarra
     return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
 
 
-def pcm_samples(frame: av.AudioFrame) -> np.ndarray:
-    """The float32 samples of one mono 16-bit frame (as the output timeline makes them)."""
-    return frame.to_ndarray()[0].astype(np.float32) / 32768.0
-
-
 class MicrophoneResampler:
     """Decoded WebRTC audio frames (any rate and layout) to a 16 kHz mono float32 stream."""
 

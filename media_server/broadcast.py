@@ -59,24 +59,23 @@ class ViewerLimitReached(Exception):
     pass
 
 
-def _copier(frame: av.AudioFrame | av.VideoFrame) -> Callable[[], av.AudioFrame | av.VideoFrame]:
+def _copier(frame: av.Packet | av.VideoFrame) -> Callable[[], av.Packet | av.VideoFrame]:
     """Copies of ``frame``, one per viewer: each viewer's encoder runs in its own thread and changes the frame
     it encodes (time base, picture type, a cached converter), and a PyAV frame is not safe to share that way.
-    Video is converted to the encoders' yuv420p once, here, rather than once per viewer."""
+    Video is converted to the encoders' yuv420p once, here, rather than once per viewer; audio comes
+    already encoded, and every viewer sends the same Opus packets."""
     if isinstance(frame, av.VideoFrame):
         pixels = frame.to_ndarray(format="yuv420p")
 
-        def make() -> av.VideoFrame | av.AudioFrame:
+        def make() -> av.Packet | av.VideoFrame:
             return av.VideoFrame.from_ndarray(pixels, format="yuv420p")
     else:
-        samples, sample_format, layout = frame.to_ndarray(), frame.format.name, frame.layout.name
+        payload = bytes(frame)
 
-        def make() -> av.VideoFrame | av.AudioFrame:
-            copy = av.AudioFrame.from_ndarray(samples, format=sample_format, layout=layout)
-            copy.sample_rate = frame.sample_rate
-            return copy
+        def make() -> av.Packet | av.VideoFrame:
+            return av.Packet(payload)
 
-    def copy() -> av.AudioFrame | av.VideoFrame:
+    def copy() -> av.Packet | av.VideoFrame:
         made = make()
         made.pts, made.time_base = frame.pts, frame.time_base
         return made

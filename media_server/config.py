@@ -79,6 +79,9 @@ class BroadcastSettings(Strict):
     rtmp_keyframe_s: float = Field(2.0, gt=0)
 
 
+OPUS_SAMPLE_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
 class MediaSettings(Strict):
     fps: int = Field(25, ge=5, le=60)
     idle_fps: int = Field(5, ge=1, le=60)
@@ -87,6 +90,8 @@ class MediaSettings(Strict):
 
     @model_validator(mode="after")
     def _whole_samples_per_frame(self) -> MediaSettings:
+        if self.sample_rate not in OPUS_SAMPLE_RATES:
+            raise ValueError(f"sample_rate {self.sample_rate} must be one Opus encodes: {OPUS_SAMPLE_RATES}")
         if self.sample_rate % self.fps:
             raise ValueError(f"sample_rate {self.sample_rate} must be a multiple of fps {self.fps}")
         if self.idle_fps > self.fps:

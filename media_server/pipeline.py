@@ -18,7 +18,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engines.avatar import Avatar
 from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, PhonemeTiming
-from media_server.audio import MicrophoneResampler, pcm_samples, resample
+from media_server.audio import MicrophoneResampler, resample
 from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
 from media_server.chunker import SpeechChunker
 from media_server.config import Settings, TurnSettings
@@ -108,7 +108,7 @@ class Conversation:
         timeline.on_playback = self._on_playback
         self._echo = EchoGuard(engines.vad.sample_rate, threshold=turn_settings.echo_correlation)
         if turn_settings.echo_guard:
-            timeline.audio.on_taken = lambda frame: self._echo.played(pcm_samples(frame))
+            timeline.audio.on_taken = lambda packet: self._echo.played(packet.opaque)
         self.echo_windows = 0
 
     # --- microphone ----------------------------------------------------------

@@ -151,12 +151,12 @@ async def test_memory_stays_bounded_over_fifty_turns(client_factory, server_app,
 class LateTaker:
     """A WebRTC sender that takes each 20 ms packet ``lag_s`` after its time, as a starved one does."""
 
-    def __init__(self, take: Callable[[], Awaitable[av.AudioFrame]], lag_s: float) -> None:
+    def __init__(self, take: Callable[[], Awaitable[av.Packet]], lag_s: float) -> None:
         self.take, self.lag_s = take, lag_s
         self.first_due: float | None = None
         self.taken = 0
 
-    async def __call__(self) -> av.AudioFrame:
+    async def __call__(self) -> av.Packet:
         loop = asyncio.get_running_loop()
         if self.first_due is None:
             self.first_due = loop.time() + self.lag_s

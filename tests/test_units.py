@@ -29,6 +29,7 @@ def test_defaults_load_and_every_source_overrides(tmp_path):
     [
         ({"server.port": "70000"}, "server.port"),
         ({"media.fps": "7"}, "multiple of fps"),
+        ({"media.sample_rate": "44100"}, "Opus"),
         ({"server.default_persona": "nobody"}, "default_persona"),
         ({"server.colour": "blue"}, "server.colour"),
     ],
