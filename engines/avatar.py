@@ -6,7 +6,6 @@ the source, keyed by the source's content hash, so preprocessing runs once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tomllib
 from dataclasses import dataclass
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from engines.embedded_models import sha256_of
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv")
@@ -113,14 +114,6 @@ def smooth_boxes(boxes: list[FaceBox], radius: int = 2) -> list[FaceBox]:
     return [FaceBox(*(int(round(v)) for v in row)) for row in smoothed]
 
 
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fit(frame: np.ndarray) -> np.ndarray:
     """Even dimensions (video encoders need them), longest side at most MAX_SIDE."""
     height, width = frame.shape[:2]
@@ -179,7 +172,7 @@ def load_avatar(directory: Path) -> Avatar:
     settings_path = directory / "avatar.toml"
     settings = tomllib.loads(settings_path.read_text()) if settings_path.exists() else {}
     source = directory / settings["source"] if "source" in settings else find_source(directory)
-    source_hash = _file_hash(source)
+    source_hash = sha256_of(source)
     frames = read_source_frames(source)
     cache_file = directory / ".cache" / source_hash[:16] / "faces.json"
     if cache_file.exists():

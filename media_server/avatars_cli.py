@@ -11,7 +11,6 @@ half-written is left behind.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -36,6 +35,7 @@ from engines.avatar import (
     read_source_frames,
     smooth_boxes,
 )
+from engines.embedded_models import sha256_of
 from media_server.config import Settings
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -141,14 +141,6 @@ def _detect_faces(frames: list[np.ndarray], progress: Progress) -> list[FaceBox]
     return [found[min(found, key=lambda detected: abs(detected - index))] for index in range(len(frames))]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _toml_string(value: str) -> str:
     return json.dumps(value)  # a JSON string literal is a valid TOML basic string
 
@@ -199,7 +191,7 @@ def add_avatar(
         boxes = _detect_faces(frames, Progress(f"finding the face ({kind})", len(frames), progress_stream))
         if len(boxes) > 1:
             boxes = smooth_boxes(boxes)
-        cache = staging / ".cache" / _sha256(copied)[:16]
+        cache = staging / ".cache" / sha256_of(copied)[:16]
         cache.mkdir(parents=True)
         (cache / "faces.json").write_text(json.dumps([[b.x0, b.y0, b.x1, b.y1] for b in boxes]))
         (staging / "avatar.toml").write_text(_avatar_toml(copied.name, display_name or name, voice, persona, pads))

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import TextIO
 
+from engines.embedded_models import sha256_of
 from media_server.avatars_cli import Progress
 from media_server.config import PROJECT_ROOT, Settings
 
@@ -28,14 +29,6 @@ TIMEOUT_S = 60
 
 class ModelFetchError(ValueError):
     """The model could not be fetched; nothing was written. The message says why."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_file(url: str, sha256: str, destination: Path, progress_stream: TextIO = sys.stderr) -> bool:

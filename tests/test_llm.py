@@ -11,7 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from engines.base import ChatMessage, Persona
-from engines.llm_llama_cpp import LlamaCppLLM, embedded_model_path, file_sha256
+from engines.embedded_models import sha256_of
+from engines.llm_llama_cpp import LlamaCppLLM, embedded_model_path
 
 AVA = Persona(
     name="ava",
@@ -155,7 +156,7 @@ def test_describe_names_the_verified_model(llm: LlamaCppLLM) -> None:
 def test_embedded_model_is_reassembled_over_a_damaged_copy(tmp_path: Path) -> None:
     (tmp_path / embedded.MODEL_NAME).write_bytes(b"half a file")
     path = embedded_model_path(tmp_path)
-    assert file_sha256(path) == embedded.EXPECTED_SHA256
+    assert sha256_of(path) == embedded.EXPECTED_SHA256
     assert [p.name for p in tmp_path.iterdir()] == [embedded.MODEL_NAME]
 
 
