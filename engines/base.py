@@ -12,7 +12,7 @@ session; per-session state lives in the stream objects they open.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -120,8 +120,9 @@ class LLMEngine(Engine):
         stops early once ``cancelled()`` returns True.
         """
 
-    def prepare(self, persona: Persona) -> None:
-        """Process what every reply for ``persona`` starts with, so the first reply starts as fast as later ones."""
+    def prepare(self, persona: Persona, history: Sequence[ChatMessage] = ()) -> None:
+        """Process what the next reply for ``persona`` after ``history`` starts with (at start-up: the
+        persona's preamble; after an exchange: the conversation so far), so it starts with the question."""
 
 
 # --- TTS -------------------------------------------------------------------

@@ -38,6 +38,10 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
 # fraction of the budget, so the kept window starts at the same message for several turns and
 # llama.cpp can reuse the evaluated prompt prefix instead of re-reading the whole history each turn.
 TRIM_TO_FRACTION = 0.5
+# The share of the history budget kept for the question being answered (see _recent_lines).
+QUESTION_RESERVE_FRACTION = 0.25
+# prepare() skips the model when all but this many tokens of the prompt are already evaluated.
+PREPARED_SLACK_TOKENS = 4
 
 
 class LlamaCppLLM(LLMEngine):
@@ -126,15 +130,31 @@ class LlamaCppLLM(LLMEngine):
             )
         return min(self._settings.max_history_tokens, room)
 
-    def _recent_lines(
-        self, persona: Persona, history: Sequence[ChatMessage], budget: int
-    ) -> list[tuple[str, str]]:
+    def _recent_lines(self, persona: Persona, history: Sequence[ChatMessage], budget: int) -> list[tuple[str, str]]:
         """(role, dialogue line) of the most recent messages that fit ``budget`` tokens.
 
-        Whole exchanges are dropped from the oldest. The window is replayed from the first message so
-        that, for a conversation that only grows, it starts where it started last turn until the
-        history outgrows the budget again.
+        The question being answered (a last user message) may use what the earlier messages leave;
+        those get the budget less a reserve for it, so that which of them are kept does not depend on
+        the question: ``prepare(persona, history)`` after an exchange evaluates exactly the prefix the
+        next reply's prompt will start with, even when that next prompt drops old exchanges.
         """
+        if not history:
+            return []
+        question = history[-1] if history[-1].role == "user" else None
+        earlier = history[:-1] if question is not None else history
+        kept = self._window(persona, earlier, budget - int(budget * QUESTION_RESERVE_FRACTION))
+        if question is None:
+            return kept
+        room = budget - sum(self.count_tokens(line) for _, line in kept)
+        line = dialogue_line(USER_LABEL, question.text)
+        if self.count_tokens(line) > room:  # a very long question: keep its end, where the question is
+            line = self._tail(line, room)
+        return [*kept, ("user", line)]
+
+    def _window(self, persona: Persona, history: Sequence[ChatMessage], budget: int) -> list[tuple[str, str]]:
+        """Whole exchanges dropped from the oldest until ``history`` fits ``budget``. The window is
+        replayed from the first message so that, for a conversation that only grows, it starts where it
+        started last turn until the history outgrows the budget again."""
         if not history:
             return []
         name = speaker_label(persona)
@@ -149,7 +169,7 @@ class LlamaCppLLM(LLMEngine):
             while start < end and (total > low_water or history[start].role != "user"):
                 total -= costs[start]
                 start += 1
-        if total > budget:  # the last message alone is over budget: keep its end, where the question is
+        if total > budget:  # the last message alone is over budget: keep its end
             lines[-1] = self._tail(lines[-1], budget)
         return [(m.role, line) for m, line in zip(history[start:], lines[start:])]
 
@@ -180,9 +200,7 @@ class LlamaCppLLM(LLMEngine):
         if not said_something and not cancelled():
             yield self._settings.fallback_reply
 
-    def _relay(
-        self, deltas: Generator[str, None, None], cancelled: Callable[[], bool]
-    ) -> Generator[str, None, bool]:
+    def _relay(self, deltas: Generator[str, None, None], cancelled: Callable[[], bool]) -> Generator[str, None, bool]:
         """Pass deltas on until the model stops or ``cancelled()``; returns whether any text came out."""
         started = time.perf_counter()
         first_at: float | None = None
@@ -249,14 +267,20 @@ class LlamaCppLLM(LLMEngine):
         with self._lock:
             self._llama.create_completion("User: Hello!\nAssistant:", max_tokens=4, seed=self._settings.seed)
 
-    def prepare(self, persona: Persona) -> None:
+    def prepare(self, persona: Persona, history: Sequence[ChatMessage] = ()) -> None:
         # llama.cpp keeps the KV cache of the longest prompt prefix it has already evaluated: with the
-        # persona's preamble in it, a reply evaluates only the conversation and the new question.
+        # persona's preamble and the conversation so far in it, a reply evaluates only the new question.
         # (Chat templates may refuse a conversation with no user message: those models are not primed.)
         if self._settings.chat_format == "template":
             return
+        prompt = self.build_prompt(persona, history)
         with self._lock:
-            self._llama.create_completion(self.build_prompt(persona, []), max_tokens=1, seed=self._settings.seed)
+            tokens = self._llama.tokenize(prompt.encode("utf-8"))
+            cached = self._llama.input_ids[: self._llama.n_tokens].tolist()
+            shared = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens), len(cached)))
+            if len(tokens) - shared <= PREPARED_SLACK_TOKENS:
+                return
+            self._llama.create_completion(prompt, max_tokens=1, seed=self._settings.seed)
 
     def describe(self) -> dict[str, object]:
         return {

@@ -1,7 +1,7 @@
 """Keeps the avatar from interrupting itself when its own voice comes back through a kiosk's speakers.
 
 Browsers cancel most echo; what leaks through is the avatar's audio, delayed and attenuated. The
-guard keeps the last second of what the session sent (as the WebRTC sender takes it, so audio
+guard keeps the last 1.8 s of what the session sent (as the WebRTC sender takes it, so audio
 queued behind a busy encoder does not count as older than it is) and the last ``context_s`` of what the
 microphone heard, and flags the microphone as echo when that stretch correlates strongly with a
 stretch of the output at one delay. Both are pre-emphasised first: voiced speech is dominated by
@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 DECIMATION = 3  # 48 kHz output to the 16 kHz microphone rate
+# History: echo that comes back up to ~1.6 s late (a loaded machine, a slow network) is still found,
+# and with the 0.2 s context it still fits one 32768-point FFT at 16 kHz, so it costs no more than 1 s.
 PRE_EMPHASIS = 0.97
 
 
@@ -24,7 +26,7 @@ def _pre_emphasised(audio: np.ndarray, previous: float) -> np.ndarray:
 
 class EchoGuard:
     def __init__(
-        self, sample_rate: int = 16000, history_s: float = 1.0, threshold: float = 0.4, context_s: float = 0.2
+        self, sample_rate: int = 16000, history_s: float = 1.8, threshold: float = 0.4, context_s: float = 0.2
     ) -> None:
         self.threshold = threshold
         self._history = np.zeros(int(sample_rate * history_s), np.float32)

@@ -62,6 +62,11 @@ async def _single(text: str) -> AsyncIterator[str]:
     yield text
 
 
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("preparing the next reply failed: %s", future.exception())
+
+
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
     first = group.exceptions[0]
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
@@ -103,6 +108,7 @@ class Conversation:
         self._turn: Turn | None = None
         self._turn_task: asyncio.Task[None] | None = None
         self._partial_task: asyncio.Task[None] | None = None
+        self._llm_preparation: asyncio.Future[None] | None = None
         self._avatar_paused_at: float | None = None
         self.speculative_dropped = 0
         timeline.on_playback = self._on_playback
@@ -397,6 +403,7 @@ class Conversation:
                 self.metrics.stage_latency.labels(stage).observe(ms / 1000)
             self.emit({"type": "metrics", "turn": turn.id, "latency_ms": latencies})
         else:
+            self._prepare_next_reply()
             self.metrics.turns.labels("completed").inc()
             self.metrics.playback_gap.observe(event.longest_gap_s)
             self.emit({"type": "metrics", "turn": turn.id, "longest_gap_ms": round(event.longest_gap_s * 1000, 1)})
@@ -419,6 +426,7 @@ class Conversation:
         if turn is not None and turn.confirmed:
             self.metrics.turns.labels("interrupted").inc()
             self._remember_exchange(turn)
+            self._prepare_next_reply()
             self.emit(
                 {"type": "reply", "text": turn.reply.strip(), "final": True, "interrupted": True, "turn": turn.id}
             )
@@ -442,6 +450,15 @@ class Conversation:
         if turn.reply.strip() and not turn.reply_in_history:
             turn.reply_in_history = True
             self._remember(ChatMessage("assistant", turn.reply.strip()))
+
+    def _prepare_next_reply(self) -> None:
+        """Have the LLM evaluate the conversation so far while the user listens or starts to speak, so
+        the next reply evaluates only its question, even on the turn that drops old exchanges."""
+        preparation = asyncio.ensure_future(
+            asyncio.to_thread(self.engines.llm.prepare, self.persona, list(self.history))
+        )
+        preparation.add_done_callback(_log_failure)
+        self._llm_preparation = preparation  # referenced until done
 
     def _remember(self, message: ChatMessage) -> None:
         self.history.append(message)

@@ -76,3 +76,11 @@ def test_the_avatar_heard_back_through_two_opus_hops_is_still_echo() -> None:
     delay = int(0.25 * 48000)
     echo = resample(np.concatenate([np.zeros(delay, np.float32), returned])[: len(played)], 48000, RATE)
     assert flagged_share(echo, avatar, rate) > 0.97
+
+
+def test_echo_that_comes_back_more_than_a_second_late_is_still_echo() -> None:
+    # A loaded machine or a slow network: the avatar's voice returns 1.3 s after it was sent.
+    avatar, rate = espeak(AVATAR_LINE, "en-us", 160)
+    avatar_16k = resample(avatar, rate, RATE)
+    echo = np.concatenate([np.zeros(int(1.3 * RATE), np.float32), 0.5 * avatar_16k])[: len(avatar_16k)]
+    assert flagged_share(echo, avatar, rate) > 0.9

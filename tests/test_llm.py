@@ -200,10 +200,36 @@ def test_chat_messages_for_template_models_are_bounded_too(llm: LlamaCppLLM) -> 
 
 
 def test_prepare_leaves_the_personas_preamble_in_the_cache_for_the_first_reply(llm: LlamaCppLLM) -> None:
+    llm._llama.reset()  # nothing evaluated, as at start-up
     llm.prepare(AVA)
-    preamble = llm._llama.tokenize(llm.build_prompt(AVA, []).encode("utf-8"))
-    cached = list(llm._llama._input_ids)  # what llama.cpp evaluated last, and reuses as a prefix
-    assert cached[: len(preamble)] == preamble
-    first_question = llm._llama.tokenize(llm.build_prompt(AVA, ask("What do bees make?")).encode("utf-8"))
-    shared = next((i for i, (a, b) in enumerate(zip(cached, first_question)) if a != b), len(cached))
-    assert len(first_question) - shared < 20  # the reply evaluates the question, not the persona again
+    length, shared = cached_share(llm, llm.build_prompt(AVA, ask("What do bees make?")))
+    assert length - shared < 20  # the reply evaluates the question, not the persona again
+
+
+def cached_share(llm: LlamaCppLLM, prompt: str) -> tuple[int, int]:
+    """(tokens of ``prompt``, how many of them llama.cpp has already evaluated as a prefix)."""
+    tokens = llm._llama.tokenize(prompt.encode("utf-8"))
+    cached = llm._llama.input_ids[: llm._llama.n_tokens].tolist()
+    shared = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens), len(cached)))
+    return len(tokens), shared
+
+
+def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_even_when_old_turns_drop(
+    llm: LlamaCppLLM,
+) -> None:
+    history = long_conversation(60)
+    drops = [
+        turn
+        for turn in range(2, len(history) - 1, 2)  # history[:turn] ends with an answer
+        if not llm.build_prompt(AVA, history[: turn + 1]).startswith(
+            llm.build_prompt(AVA, history[: turn - 1]).removesuffix("Ava:")
+        )
+    ]
+    assert drops, "the conversation never outgrew the history budget"
+    for turn in (drops[0], drops[-1], 10):
+        llm.prepare(AVA, history[:turn])
+        length, shared = cached_share(llm, llm.build_prompt(AVA, history[: turn + 1]))
+        assert length - shared < 30  # "User: Question n: ..." and the cue, not the history again
+    calls = llm._llama.n_tokens
+    llm.prepare(AVA, history[:10])  # already evaluated: nothing to do
+    assert llm._llama.n_tokens == calls
