@@ -39,7 +39,7 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
 # llama.cpp can reuse the evaluated prompt prefix instead of re-reading the whole history each turn.
 TRIM_TO_FRACTION = 0.5
 # The share of the history budget kept for the question being answered (see _recent_lines).
-QUESTION_RESERVE_FRACTION = 0.25
+QUESTION_RESERVE_FRACTION = 0.125
 # prepare() skips the model when all but this many tokens of the prompt are already evaluated.
 PREPARED_SLACK_TOKENS = 4
 
