@@ -34,16 +34,16 @@ class GFPGANConfig:
         """log2 of the output size: the decoder grows from 4x4 to out_size in levels - 2 doublings."""
         return int(math.log2(self.out_size))
 
-    def decoder_channels(self, resolution: int) -> int:
+    def _width(self, resolution: int) -> float:
         wide = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}[resolution]
-        multiplier = 1 if resolution <= 32 else self.channel_multiplier
-        return int(wide * multiplier * self.narrow)
+        return wide * (1 if resolution <= 32 else self.channel_multiplier) * self.narrow
+
+    def decoder_channels(self, resolution: int) -> int:
+        return int(self._width(resolution))
 
     def unet_channels(self, resolution: int) -> int:
         """The U-Net is half as wide as the decoder."""
-        wide = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256, 128: 128, 256: 64, 512: 32, 1024: 16}[resolution]
-        multiplier = 1 if resolution <= 32 else self.channel_multiplier
-        return int(wide * multiplier * self.narrow * 0.5)
+        return int(self._width(resolution) * 0.5)
 
 
 def _resize(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -128,12 +128,13 @@ class Noises(nn.Module):
 
     def __init__(self, count: int) -> None:
         super().__init__()
+        self.count = count
         for index in range(count):
             size = 2 ** ((index + 5) // 2)
             self.register_buffer(f"noise{index}", torch.randn(1, 1, size, size))
 
-    def all(self, count: int) -> list[torch.Tensor]:
-        return [getattr(self, f"noise{index}") for index in range(count)]
+    def all(self) -> list[torch.Tensor]:
+        return [getattr(self, f"noise{index}") for index in range(self.count)]
 
 
 class StyleDecoder(nn.Module):
@@ -160,12 +161,11 @@ class StyleDecoder(nn.Module):
             self.style_convs.append(StyleConv(out_channels, out_channels, features, upsample=False))
             self.to_rgbs.append(ToRGB(out_channels, features))
             in_channels = out_channels
-        self.noise_count = 2 * (config.levels - 2) + 1
-        self.noises = Noises(self.noise_count)
+        self.noises = Noises(2 * (config.levels - 2) + 1)
 
     def forward(self, latents: torch.Tensor, conditions: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """``latents``: (batch, 2 * levels - 2, style_features); one (scale, shift) per level."""
-        noise = self.noises.all(self.noise_count)
+        noise = self.noises.all()
         out = self.constant_input.weight.repeat(latents.shape[0], 1, 1, 1)
         out = self.style_conv1(out, latents[:, 0], noise[0])
         image = self.to_rgb1(out, latents[:, 1], None)

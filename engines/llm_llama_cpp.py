@@ -275,12 +275,17 @@ class LlamaCppLLM(LLMEngine):
             return
         prompt = self.build_prompt(persona, history)
         with self._lock:
-            tokens = self._llama.tokenize(prompt.encode("utf-8"))
-            cached = self._llama.input_ids[: self._llama.n_tokens].tolist()
-            shared = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens), len(cached)))
-            if len(tokens) - shared <= PREPARED_SLACK_TOKENS:
+            length, shared = self.cached_prefix(prompt)
+            if length - shared <= PREPARED_SLACK_TOKENS:
                 return
             self._llama.create_completion(prompt, max_tokens=1, seed=self._settings.seed)
+
+    def cached_prefix(self, prompt: str) -> tuple[int, int]:
+        """(tokens of ``prompt``, how many of its first tokens llama.cpp has already evaluated)."""
+        tokens = self._llama.tokenize(prompt.encode("utf-8"))
+        cached = self._llama.input_ids[: self._llama.n_tokens].tolist()
+        shared = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens), len(cached)))
+        return len(tokens), shared
 
     def describe(self) -> dict[str, object]:
         return {

@@ -51,8 +51,8 @@ class PlaybackEvent:
 
 
 class OpusEncoder:
-    """20 ms packets of mono 16-bit audio to Opus packets, each carrying the samples it encodes
-    (``packet.opaque``, float32) for whoever needs to know what was sent."""
+    """20 ms packets of mono 16-bit audio to Opus packets, each carrying the int16 samples it encodes
+    (``packet.opaque``) for whoever needs to know what was sent."""
 
     def __init__(self, sample_rate: int) -> None:
         self.codec = av.CodecContext.create("libopus", "w")
@@ -70,7 +70,7 @@ class OpusEncoder:
         frame.time_base = self.codec.time_base
         packets = self.codec.encode(frame)
         for packet in packets:
-            packet.opaque = pcm.astype(np.float32) / 32768.0
+            packet.opaque = pcm
         return packets
 
 
@@ -238,4 +238,3 @@ class AVTimeline:
     def stop(self) -> None:
         self.audio.stop()
         self.video.stop()
-

@@ -16,7 +16,7 @@ import numpy as np
 
 DECIMATION = 3  # 48 kHz output to the 16 kHz microphone rate
 # History: echo that comes back up to ~1.6 s late (a loaded machine, a slow network) is still found,
-# and with the 0.2 s context it still fits one 32768-point FFT at 16 kHz, so it costs no more than 1 s.
+# and with the 0.2 s context it still fits one 32768-point FFT at 16 kHz, the size 1 s needed too.
 PRE_EMPHASIS = 0.97
 
 

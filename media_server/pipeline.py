@@ -114,7 +114,7 @@ class Conversation:
         timeline.on_playback = self._on_playback
         self._echo = EchoGuard(engines.vad.sample_rate, threshold=turn_settings.echo_correlation)
         if turn_settings.echo_guard:
-            timeline.audio.on_taken = lambda packet: self._echo.played(packet.opaque)
+            timeline.audio.on_taken = lambda packet: self._echo.played(packet.opaque / 32768.0)
         self.echo_windows = 0
 
     # --- microphone ----------------------------------------------------------

@@ -202,16 +202,8 @@ def test_chat_messages_for_template_models_are_bounded_too(llm: LlamaCppLLM) -> 
 def test_prepare_leaves_the_personas_preamble_in_the_cache_for_the_first_reply(llm: LlamaCppLLM) -> None:
     llm._llama.reset()  # nothing evaluated, as at start-up
     llm.prepare(AVA)
-    length, shared = cached_share(llm, llm.build_prompt(AVA, ask("What do bees make?")))
+    length, shared = llm.cached_prefix(llm.build_prompt(AVA, ask("What do bees make?")))
     assert length - shared < 20  # the reply evaluates the question, not the persona again
-
-
-def cached_share(llm: LlamaCppLLM, prompt: str) -> tuple[int, int]:
-    """(tokens of ``prompt``, how many of them llama.cpp has already evaluated as a prefix)."""
-    tokens = llm._llama.tokenize(prompt.encode("utf-8"))
-    cached = llm._llama.input_ids[: llm._llama.n_tokens].tolist()
-    shared = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens), len(cached)))
-    return len(tokens), shared
 
 
 def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_even_when_old_turns_drop(
@@ -228,7 +220,7 @@ def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_eve
     assert drops, "the conversation never outgrew the history budget"
     for turn in (drops[0], drops[-1], 10):
         llm.prepare(AVA, history[:turn])
-        length, shared = cached_share(llm, llm.build_prompt(AVA, history[: turn + 1]))
+        length, shared = llm.cached_prefix(llm.build_prompt(AVA, history[: turn + 1]))
         assert length - shared < 30  # "User: Question n: ..." and the cue, not the history again
     calls = llm._llama.n_tokens
     llm.prepare(AVA, history[:10])  # already evaluated: nothing to do
