@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 
 from engines.base import ChatMessage, EngineSettings, LLMEngine, Persona
 from engines.embedded_models import sha256_of
+from engines.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,9 @@ class LlamaCppLLM(LLMEngine):
         top_p: float = Field(default=0.9, gt=0.0, le=1.0)
         repeat_penalty: float = Field(default=1.1, ge=1.0)
         max_history_tokens: int = Field(default=768, ge=16)
+        # "english": a copy of the model without the tokens English text never uses (engines/gguf_vocabulary.py):
+        # each token is cheaper to write and English replies are unchanged. "full" for other languages.
+        vocabulary: Literal["english", "full"] = "english"
         seed: int = 0  # used for every reply, so the same conversation gets the same answer
         fallback_reply: str = Field(default="Sorry, I didn't catch that.", min_length=1)
 
@@ -71,8 +75,9 @@ class LlamaCppLLM(LLMEngine):
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._model_path = resolve_model_path(settings)
+        self._loaded_path, self._vocabulary = self._reduced_vocabulary(settings, self._model_path)
         self._llama = Llama(
-            model_path=str(self._model_path),
+            model_path=str(self._loaded_path),
             n_ctx=settings.n_ctx,
             n_threads=settings.n_threads,
             n_threads_batch=settings.n_threads,
@@ -86,6 +91,17 @@ class LlamaCppLLM(LLMEngine):
             )
         # A Llama object holds one KV cache and is not thread-safe: sessions take turns.
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _reduced_vocabulary(settings: Settings, model_path: Path) -> tuple[Path, str]:
+        """(the GGUF to load, which vocabulary it has)."""
+        if settings.vocabulary == "full":
+            return model_path, "full"
+        try:
+            return english_vocabulary_model(model_path, cache_directory(settings)), "english"
+        except UnsupportedModelError as error:
+            log.warning("%s: using the full vocabulary (%s)", model_path.name, error)
+            return model_path, f"full ({error})"
 
     # --- prompt ------------------------------------------------------------
 
@@ -292,6 +308,7 @@ class LlamaCppLLM(LLMEngine):
             "model": self._settings.model,
             "path": str(self._model_path),
             "sha256": self._sha256,
+            "vocabulary": f"{self._vocabulary}: {self._llama.n_vocab()} tokens, loaded from {self._loaded_path}",
             "chat_format": self._settings.chat_format,
             "device": "cpu",
             "n_threads": self._settings.n_threads,
@@ -325,16 +342,18 @@ def dialogue_line(label: str, text: str) -> str:
 
 def resolve_model_path(settings: LlamaCppLLM.Settings) -> Path:
     if settings.model == EMBEDDED_MODEL:
-        cache_dir = Path(settings.cache_dir).expanduser() if settings.cache_dir else default_cache_dir()
-        return embedded_model_path(cache_dir)
+        return embedded_model_path(cache_directory(settings))
     path = Path(settings.model).expanduser()
     if not path.is_file():
         raise ValueError(f"llm model {settings.model!r} is neither {EMBEDDED_MODEL!r} nor an existing GGUF file")
     return path
 
 
-def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "facecast" / "models"
+def cache_directory(settings: LlamaCppLLM.Settings) -> Path:
+    """Where the embedded model is assembled and reduced copies are kept."""
+    return (
+        Path(settings.cache_dir).expanduser() if settings.cache_dir else Path.home() / ".cache" / "facecast" / "models"
+    )
 
 
 def embedded_model_path(cache_dir: Path) -> Path:

@@ -12,7 +12,9 @@ from pydantic import ValidationError
 
 from engines.base import ChatMessage, Persona
 from engines.embedded_models import sha256_of
-from engines.llm_llama_cpp import LlamaCppLLM, embedded_model_path
+from engines.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model, reduce_vocabulary
+from engines.llm_llama_cpp import LlamaCppLLM, cache_directory, embedded_model_path
+from media_server.speech_corpus import QUESTIONS
 
 AVA = Persona(
     name="ava",
@@ -225,3 +227,49 @@ def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_eve
     calls = llm._llama.n_tokens
     llm.prepare(AVA, history[:10])  # already evaluated: nothing to do
     assert llm._llama.n_tokens == calls
+
+
+def test_english_vocabulary_replies_as_the_full_model_does(llm: LlamaCppLLM) -> None:
+    full = LlamaCppLLM(LlamaCppLLM.Settings(vocabulary="full"))
+    try:
+        assert llm._llama.n_vocab() < 0.6 * full._llama.n_vocab()
+        assert str(llm.describe()["vocabulary"]).startswith("english")
+        prompt = llm.build_prompt(AVA, [*long_conversation(2), ChatMessage("user", QUESTIONS[0])])
+        pieces = [
+            [model._llama.detokenize([token]) for token in model._llama.tokenize(prompt.encode())]
+            for model in (llm, full)
+        ]
+        assert pieces[0] == pieces[1]  # the same English text reads as the same tokens
+        for question in QUESTIONS[:10]:  # the same sampling settings and seed pick the same words
+            replies = ["".join(model.stream_reply(AVA, ask(question), never)) for model in (llm, full)]
+            assert replies[0] == replies[1], question
+    finally:
+        full.close()
+
+
+def test_english_copy_is_derived_once(llm: LlamaCppLLM) -> None:
+    source = embedded_model_path(cache_directory(llm._settings))
+    derived = english_vocabulary_model(source, cache_directory(llm._settings))
+    modified = derived.stat().st_mtime_ns
+    assert english_vocabulary_model(source, cache_directory(llm._settings)) == derived
+    assert derived.stat().st_mtime_ns == modified
+
+
+def _gguf_with_tokenizer(path: Path, tokenizer: str) -> Path:
+    def string(text: str) -> bytes:
+        return len(text.encode()).to_bytes(8, "little") + text.encode()
+
+    field = string("tokenizer.ggml.model") + (8).to_bytes(4, "little") + string(tokenizer)
+    path.write_bytes(
+        b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (1).to_bytes(8, "little") + field
+    )
+    return path
+
+
+def test_only_sentencepiece_vocabularies_are_reduced(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModelError, match="gpt2"):
+        reduce_vocabulary(_gguf_with_tokenizer(tmp_path / "bpe.gguf", "gpt2"), tmp_path / "out.gguf")
+    (tmp_path / "text.gguf").write_bytes(b"not a model at all")
+    with pytest.raises(UnsupportedModelError, match="not a GGUF"):
+        reduce_vocabulary(tmp_path / "text.gguf", tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists() or (tmp_path / "out.gguf").stat().st_size == 0
