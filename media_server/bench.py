@@ -37,6 +37,7 @@ IDLE_MEASURE_S = 10.0
 LONG_CONVERSATION_WINDOW = 5  # turns at each end of the long conversation compared
 ESPEAK_VOICES = (("en-us", 140), ("en-gb", 185))
 BARGE_IN_QUIET_S = 0.4  # longer than any pause between the avatar's words
+DEFAULT = "default"
 
 
 def _free_port() -> int:
@@ -162,22 +163,26 @@ async def _idle_cost(server: ServerProcess) -> dict[str, float]:
     }
 
 
-async def _run_turns(server: ServerProcess, clips: list) -> list[dict[str, object]]:
-    client = _client(server)
-    await client.connect()
-    await asyncio.sleep(1.0)
-    results = []
-    try:
-        for question, label, audio, rate in clips:
-            result = await _ask(client, question, audio, rate)
+async def _run_turns(servers: dict[str, ServerProcess], clips: list) -> dict[str, list[dict[str, object]]]:
+    """Each question to every configuration in turn, so that a change in the machine's load (a VM's
+    neighbours) hits all of them alike; each answer in its own session, with no other session open."""
+    results: dict[str, list[dict[str, object]]] = {name: [] for name in servers}
+    for question, label, audio, rate in clips:
+        for name, server in servers.items():
+            client = _client(server)
+            await client.connect()
+            await asyncio.sleep(1.0)
+            try:
+                result = await _ask(client, question, audio, rate)
+            finally:
+                await client.close()
             result["voice"] = label
-            results.append(result)
+            results[name].append(result)
             print(
-                f"  {label:>16}  {result['server_ms'].get('first_audio_sent', float('nan')):7.0f} ms  {result['transcript']}",
+                f"  {name[:24]:>24}  {label:>20}  {result['server_ms'].get('first_audio_sent', float('nan')):7.0f} ms"
+                f"  {result['transcript']}",
                 file=sys.stderr,
             )
-    finally:
-        await client.close()
     return results
 
 
@@ -268,23 +273,29 @@ async def _long_conversation(server: ServerProcess, count: int) -> dict[str, obj
     }
 
 
-def _run_configuration(args: argparse.Namespace, extra: list[str], clips: list, with_idle: bool) -> dict[str, object]:
-    server = ServerProcess(args, extra)
+def _run_configurations(args: argparse.Namespace, variants: dict[str, list[str]], clips: list) -> dict[str, object]:
+    servers = {name: ServerProcess(args, extra) for name, extra in variants.items()}
     try:
-        server.wait_ready()
-        idle = asyncio.run(_idle_cost(server)) if with_idle else {}
-        turns = asyncio.run(_run_turns(server, clips))
-        barge_ins = asyncio.run(_barge_ins(server, args.barge_ins)) if args.barge_ins else {}
-        memory = asyncio.run(_long_conversation(server, args.long_turns)) if with_idle and args.long_turns else {}
+        for server in servers.values():
+            server.wait_ready()
+        default = servers[DEFAULT]
+        idle = asyncio.run(_idle_cost(default))
+        turns = asyncio.run(_run_turns(servers, clips))
+        barge_ins = {name: asyncio.run(_barge_ins(server, args.barge_ins)) for name, server in servers.items()}
+        memory = asyncio.run(_long_conversation(default, args.long_turns)) if args.long_turns else {}
     finally:
-        server.stop()
-    summary = summarise(turns, idle)
-    if barge_ins:
-        summary["barge_in_heard_stopping_after_ms"] = _percentiles(barge_ins["heard"])
-        summary["barge_in_server_stopped_after_ms"] = _percentiles(barge_ins["server"])
-    if memory:
-        summary["long_conversation"] = memory
-    return {"summary": summary, "turns": turns}
+        for server in servers.values():
+            server.stop()
+    results: dict[str, object] = {}
+    for name in servers:
+        summary = summarise(turns[name], idle if name == DEFAULT else {})
+        if args.barge_ins:
+            summary["barge_in_heard_stopping_after_ms"] = _percentiles(barge_ins[name]["heard"])
+            summary["barge_in_server_stopped_after_ms"] = _percentiles(barge_ins[name]["server"])
+        if memory and name == DEFAULT:
+            summary["long_conversation"] = memory
+        results[name] = {"summary": summary, "turns": turns[name]}
+    return results
 
 
 def _print_summary(summary: dict[str, object]) -> None:
@@ -317,9 +328,7 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         clips = _voices(tts, args.n)
     finally:
         tts.close()
-    results = {"default": _run_configuration(args, [], clips, with_idle=True)}
-    for variant in args.variant:
-        results[variant] = _run_configuration(args, variant.split(","), clips, with_idle=False)
+    results = _run_configurations(args, {DEFAULT: [], **{v: v.split(",") for v in args.variant}}, clips)
     if args.json:
         print(json.dumps(results))
         return
@@ -327,7 +336,7 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         print(f"\n== {name} ==")
         _print_summary(result["summary"])
     if args.variant:
-        base = results["default"]["summary"]["stages_from_end_of_speech_ms"]["first_audio_sent"]["p50"]
+        base = results[DEFAULT]["summary"]["stages_from_end_of_speech_ms"]["first_audio_sent"]["p50"]
         print("\nfirst audio sent, p50, against the default configuration (same clips, same run):")
         for name, result in results.items():
             p50 = result["summary"]["stages_from_end_of_speech_ms"]["first_audio_sent"]["p50"]
