@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, object]], None]
 MIN_PARTIAL_SECONDS = 0.6
 LIPSYNC_PIECE_S = 0.2
-LLM_DELTAS_AHEAD = 2  # deltas the LLM may write before the reply's text is taken
 
 
 @dataclass
@@ -48,8 +48,12 @@ class Turn:
     confirmed: bool = True
     held_events: list[dict[str, object]] = field(default_factory=list)
     held_frames: list[QueuedFrame] = field(default_factory=list)
-    # Set once the first chunk is synthesised: until then the LLM waits, and TTS has the cores.
-    first_chunk_spoken: asyncio.Event = field(default_factory=asyncio.Event)
+    # Cleared while the first chunk is synthesised: the LLM pauses, and TTS has the cores.
+    llm_may_run: threading.Event = field(default_factory=threading.Event)
+    chunks_written: int = 0
+
+    def __post_init__(self) -> None:
+        self.llm_may_run.set()
 
     def mark(self, stage: str) -> None:
         self.marks.setdefault(stage, time.monotonic())
@@ -289,7 +293,7 @@ class Conversation:
             else:
                 turn.question = ChatMessage("user", text)
                 history = [*self.history, turn.question]
-                await self._reply(turn, self._llm_deltas(history))
+                await self._reply(turn, self._llm_deltas(turn, history))
         except asyncio.CancelledError:
             raise
         except Exception as error:  # one session's engine failure is reported to it and to nobody else
@@ -298,10 +302,10 @@ class Conversation:
             self.timeline.clear()
             self.emit({"type": "state", "state": "listening"})
 
-    def _llm_deltas(self, history: list[ChatMessage]) -> AsyncIterator[str]:
+    def _llm_deltas(self, turn: Turn, history: list[ChatMessage]) -> AsyncIterator[str]:
         return iterate_in_thread(
             lambda cancelled: self.engines.llm.stream_reply(self.persona, history, cancelled.is_set),
-            max_ahead=LLM_DELTAS_AHEAD if self.settings.first_chunk_priority else None,
+            running=turn.llm_may_run,
         )
 
     async def _reply(self, turn: Turn, deltas: AsyncIterator[str]) -> None:
@@ -321,18 +325,21 @@ class Conversation:
             turn.reply += delta
             self._emit_for(turn, {"type": "reply", "delta": delta, "final": False, "turn": turn.id})
             for chunk in chunker.feed(delta):
-                turn.mark("first_clause")
-                chunks.put_nowait(chunk)
-                if self.settings.first_chunk_priority:
-                    await turn.first_chunk_spoken.wait()
+                self._write_chunk(turn, chunk, chunks)
         for chunk in chunker.flush():
-            turn.mark("first_clause")
-            chunks.put_nowait(chunk)
+            self._write_chunk(turn, chunk, chunks)
         chunks.put_nowait(None)
         reply = turn.reply.strip()
         await self._wait_confirmed(turn)
         self._remember_exchange(turn)
         self._emit_for(turn, {"type": "reply", "text": reply, "final": True, "turn": turn.id})
+
+    def _write_chunk(self, turn: Turn, chunk: str, chunks: asyncio.Queue[str | None]) -> None:
+        turn.mark("first_clause")
+        if turn.chunks_written == 0 and self.settings.first_chunk_priority:
+            turn.llm_may_run.clear()  # set again by _speak_chunks once the chunk is synthesised
+        turn.chunks_written += 1
+        chunks.put_nowait(chunk)
 
     async def _speak_chunks(self, turn: Turn, chunks: asyncio.Queue[str | None]) -> None:
         first = True
@@ -340,7 +347,7 @@ class Conversation:
             speech = iterate_in_thread(lambda cancelled, text=text: self.engines.tts.synthesize(text, self.voice))
             async for chunk in speech:
                 turn.mark("first_tts_audio")
-                turn.first_chunk_spoken.set()
+                turn.llm_may_run.set()
                 audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
                 # In pieces, so the first frames are queued before the whole sentence is rendered.
                 piece = int(LIPSYNC_PIECE_S * self.timeline.sample_rate)
@@ -348,7 +355,7 @@ class Conversation:
                     phonemes = chunk.phonemes if offset == 0 else None
                     frames = await self._lipsync(self._push_speech, audio[offset : offset + piece], phonemes)
                     first = self._enqueue(turn, frames, first)
-            turn.first_chunk_spoken.set()  # also when a chunk gave no audio
+            turn.llm_may_run.set()  # also when a chunk gave no audio
         frames = await self._lipsync(self._finish_segment)
         if frames or not first:
             self._enqueue(turn, frames, first, last=True)

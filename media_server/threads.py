@@ -9,39 +9,37 @@ from typing import TypeVar
 
 T = TypeVar("T")
 _DONE = object()
-SLOT_POLL_S = 0.05  # how often a paused worker checks for cancellation
+PAUSE_POLL_S = 0.05  # how often a paused worker checks for cancellation
 
 
 async def iterate_in_thread(
-    make_iterator: Callable[[threading.Event], Iterator[T]], max_ahead: int | None = None
+    make_iterator: Callable[[threading.Event], Iterator[T]], running: threading.Event | None = None
 ) -> AsyncIterator[T]:
     """Run ``make_iterator(cancelled)`` in a worker thread and yield its items here as they come.
 
     When the consumer stops early (a barge-in cancels its task), ``cancelled`` is set and the
     iterator is closed in its own thread after its current item, so model work stops promptly.
-    With ``max_ahead``, the worker waits while that many items are not yet taken: a consumer that
-    stops taking pauses the model, and its cores go to other work.
+    With ``running``, the worker starts each next item only while it is set: clearing it pauses the
+    model after the item it is computing, and its cores go to other work.
     """
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[object] = asyncio.Queue()
     cancelled = threading.Event()
-    slots = threading.Semaphore(max_ahead) if max_ahead else None
 
-    def wait_for_slot() -> bool:
-        while not slots.acquire(timeout=SLOT_POLL_S):
+    def may_go_on() -> bool:
+        while running is not None and not running.wait(timeout=PAUSE_POLL_S):
             if cancelled.is_set():
                 return False
-        return True
+        return not cancelled.is_set()
 
     def produce() -> None:
         iterator = make_iterator(cancelled)
         try:
-            for item in iterator:
-                if slots is not None and not wait_for_slot():
+            while may_go_on():
+                item = next(iterator, _DONE)
+                if item is _DONE:
                     break
                 loop.call_soon_threadsafe(items.put_nowait, item)
-                if cancelled.is_set():
-                    break
         except BaseException as error:  # handed to the consumer, which re-raises it
             loop.call_soon_threadsafe(items.put_nowait, error)
         finally:
@@ -59,8 +57,6 @@ async def iterate_in_thread(
                 break
             if isinstance(item, BaseException):
                 raise item
-            if slots is not None:
-                slots.release()
             yield item  # type: ignore[misc]
     finally:
         cancelled.set()
