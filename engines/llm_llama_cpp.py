@@ -99,7 +99,7 @@ class LlamaCppLLM(LLMEngine):
             return model_path, "full"
         try:
             return english_vocabulary_model(model_path, cache_directory(settings)), "english"
-        except UnsupportedModelError as error:
+        except (UnsupportedModelError, OSError) as error:  # OSError: no room or no right to write the copy
             log.warning("%s: using the full vocabulary (%s)", model_path.name, error)
             return model_path, f"full ({error})"
 

@@ -273,3 +273,15 @@ def test_only_sentencepiece_vocabularies_are_reduced(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="not a GGUF"):
         reduce_vocabulary(tmp_path / "text.gguf", tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists() or (tmp_path / "out.gguf").stat().st_size == 0
+
+
+def test_a_cache_it_cannot_write_leaves_the_full_vocabulary(llm: LlamaCppLLM, tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "cache"
+    not_a_directory.write_text("a file where the cache directory should be")
+    source = embedded_model_path(cache_directory(llm._settings))
+    engine = LlamaCppLLM(LlamaCppLLM.Settings(model=str(source), cache_dir=str(not_a_directory)))
+    try:
+        assert str(engine.describe()["vocabulary"]).startswith("full (")
+        assert "paris" in "".join(engine.stream_reply(AVA, ask("What is the capital of France?"), never)).lower()
+    finally:
+        engine.close()
