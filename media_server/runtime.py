@@ -42,7 +42,9 @@ def build_engines(settings: Settings, warm_up: bool = True) -> EngineSet:
             ("llm", engines.llm),
             ("tts", engines.tts),
             ("lipsync", engines.lipsync),
+            ("enhancer", engines.enhancer),
         )
+        if engine is not None
     }
     return engines
 
