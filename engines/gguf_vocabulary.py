@@ -225,6 +225,7 @@ def _write_reduced(data: memoryview, target: Path, keep_piece: Callable[[str], b
         header += replaced.get(key, data[field.start : field.end])
 
     vocabulary = len(pieces)
+    spans = _spans(layout, len(data))
     chunks: list[bytes | memoryview] = []
     infos = bytearray()
     offset = 0
@@ -235,8 +236,8 @@ def _write_reduced(data: memoryview, target: Path, keep_piece: Callable[[str], b
             rows = np.frombuffer(data, np.uint8, row * vocabulary, start).reshape(vocabulary, row)
             payload: bytes | memoryview = rows[kept].tobytes()
             dims = [tensor.dims[0], len(kept)]
-        else:
-            payload = data[start : start + _tensor_bytes(tensor)]
+        else:  # copied as it is, whatever its type, with the padding that follows it
+            payload = data[start : start + spans[tensor.name]]
             dims = tensor.dims
         infos += _string(tensor.name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
         infos += struct.pack("<IQ", tensor.ggml_type, offset)
@@ -253,8 +254,11 @@ def _write_reduced(data: memoryview, target: Path, keep_piece: Callable[[str], b
     return len(kept)
 
 
-def _tensor_bytes(tensor: TensorInfo) -> int:
-    return _row_bytes(tensor) * int(np.prod(tensor.dims[1:], dtype=np.int64))
+def _spans(layout: GGUFLayout, file_size: int) -> dict[str, int]:
+    """Bytes from each tensor's start to the next tensor's (the last: to the end of the file)."""
+    ordered = sorted(layout.tensors, key=lambda t: t.offset)
+    ends = [t.offset for t in ordered[1:]] + [file_size - layout.data_start]
+    return {tensor.name: end - tensor.offset for tensor, end in zip(ordered, ends)}
 
 
 def english_vocabulary_model(source: Path, cache_dir: Path) -> Path:
