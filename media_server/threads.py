@@ -33,8 +33,9 @@ async def iterate_in_thread(
         return not cancelled.is_set()
 
     def produce() -> None:
-        iterator = make_iterator(cancelled)
+        iterator: Iterator[T] | None = None
         try:
+            iterator = make_iterator(cancelled)
             while may_go_on():
                 item = next(iterator, _DONE)
                 if item is _DONE:
@@ -49,7 +50,9 @@ async def iterate_in_thread(
             if not loop.is_closed():
                 loop.call_soon_threadsafe(items.put_nowait, _DONE)
 
-    worker = loop.run_in_executor(None, produce)
+    # A thread of its own, not the loop's shared pool: a paused worker holding a model's lock, and the
+    # pool threads queued behind that lock, must never leave the worker that would resume it without a thread.
+    threading.Thread(target=produce, name="iterate-in-thread", daemon=True).start()
     try:
         while True:
             item = await items.get()
@@ -60,5 +63,3 @@ async def iterate_in_thread(
             yield item  # type: ignore[misc]
     finally:
         cancelled.set()
-        if not worker.done():
-            worker.add_done_callback(lambda _: None)

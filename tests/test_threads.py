@@ -6,6 +6,9 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from media_server.threads import iterate_in_thread
 
@@ -55,3 +58,27 @@ async def test_an_unbounded_worker_runs_ahead() -> None:
     await asyncio.sleep(0.3)
     assert len(produced) == 100
     await items.aclose()
+
+
+async def test_an_iterator_that_fails_to_start_fails_its_consumer() -> None:
+    def broken(cancelled: threading.Event) -> Iterator[int]:
+        raise RuntimeError("no model")
+
+    with pytest.raises(RuntimeError, match="no model"):
+        await asyncio.wait_for(anext(iterate_in_thread(broken)), timeout=5)
+
+
+async def test_items_come_while_the_loops_thread_pool_is_busy() -> None:
+    """Sessions queued behind a paused model's lock fill the shared pool; the stream resuming it must still run."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+    release = threading.Event()
+    blocked = loop.run_in_executor(None, release.wait)
+    try:
+        produced: list[int] = []
+        items = iterate_in_thread(lambda cancelled: counting(produced, cancelled))
+        assert await asyncio.wait_for(anext(items), timeout=5) == 0
+        await items.aclose()
+    finally:
+        release.set()
+        await blocked
