@@ -35,6 +35,7 @@ RULE_VERSION = 1  # part of the derived file's name: a changed rule derives a ne
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 VOCABULARY_TENSORS = ("token_embd.weight", "output.weight")
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 # GGUF value types: struct format of the scalar ones; 8 is a string, 9 an array.
 SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -98,7 +99,8 @@ class _Reader:
 
     def string(self) -> str:
         length = self.scalar("Q")
-        text = bytes(self.data[self.at : self.at + length]).decode("utf-8", errors="replace")
+        # surrogateescape: a piece that is not valid UTF-8 is written back byte for byte
+        text = bytes(self.data[self.at : self.at + length]).decode("utf-8", errors="surrogateescape")
         self.at += length
         return text
 
@@ -163,7 +165,7 @@ def _aligned(offset: int, alignment: int) -> int:
 
 
 def _string(text: str) -> bytes:
-    encoded = text.encode("utf-8")
+    encoded = text.encode("utf-8", errors="surrogateescape")
     return struct.pack("<Q", len(encoded)) + encoded
 
 
@@ -193,6 +195,9 @@ def _write_reduced(data: memoryview, target: Path, keep_piece: Callable[[str], b
             f"the tokenizer is {getattr(tokenizer, 'value', None)!r}; only SentencePiece ('llama') vocabularies "
             "can be reduced without changing how English text is tokenized"
         )
+    missing = [key for key in TOKENIZER_ARRAYS if key not in fields]
+    if missing:
+        raise UnsupportedModelError(f"the vocabulary has no {', '.join(missing)}")
     pieces: list[str] = fields["tokenizer.ggml.tokens"].value
     types = np.asarray(fields["tokenizer.ggml.token_type"].value)
     scores = np.asarray(fields["tokenizer.ggml.scores"].value)
@@ -219,19 +224,24 @@ def _write_reduced(data: memoryview, target: Path, keep_piece: Callable[[str], b
             for key, old in special_ids.items()
             if 0 <= old < len(keep)
         },
+        **{key: _string(key) + struct.pack("<II", 4, len(kept)) for key in fields if key.endswith(".vocab_size")},
     }
     header = bytearray(data[:24])
     for key, field in fields.items():
         header += replaced.get(key, data[field.start : field.end])
 
     vocabulary = len(pieces)
+    for tensor in layout.tensors:
+        reducible = tensor.name in VOCABULARY_TENSORS and len(tensor.dims) == 2 and tensor.dims[1] == vocabulary
+        if vocabulary in tensor.dims[:-1] or (tensor.dims[-1] == vocabulary) != reducible:
+            raise UnsupportedModelError(f"{tensor.name} {tensor.dims} has the vocabulary in a shape not reduced here")
     spans = _spans(layout, len(data))
     chunks: list[bytes | memoryview] = []
     infos = bytearray()
     offset = 0
     for tensor in layout.tensors:
         start = layout.data_start + tensor.offset
-        if tensor.name in VOCABULARY_TENSORS and tensor.dims[-1] == vocabulary and len(tensor.dims) == 2:
+        if tensor.name in VOCABULARY_TENSORS and tensor.dims[-1] == vocabulary:
             row = _row_bytes(tensor)
             rows = np.frombuffer(data, np.uint8, row * vocabulary, start).reshape(vocabulary, row)
             payload: bytes | memoryview = rows[kept].tobytes()

