@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,15 +42,19 @@ BARGE_IN_QUIET_S = 0.4  # longer than any pause between the avatar's words
 DEFAULT = "default"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@contextlib.contextmanager
+def _free_ports(count: int) -> Iterator[list[int]]:
+    """``count`` different free ports (all probed at once, so no two are the same)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        yield [probe.getsockname()[1] for probe in probes]
 
 
 class ServerProcess:
-    def __init__(self, args: argparse.Namespace, extra_settings: list[str]) -> None:
-        self.port = _free_port()
+    def __init__(self, args: argparse.Namespace, extra_settings: list[str], port: int) -> None:
+        self.port = port
         command = [sys.executable, "-m", "media_server"]
         if args.config:
             command += ["--config", str(args.config)]
@@ -85,7 +91,11 @@ class ServerProcess:
 
     def stop(self) -> None:
         self.process.terminate()
-        self.process.wait(10)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         self.log.close()
 
 
@@ -167,8 +177,10 @@ async def _run_turns(servers: dict[str, ServerProcess], clips: list) -> dict[str
     """Each question to every configuration in turn, so that a change in the machine's load (a VM's
     neighbours) hits all of them alike; each answer in its own session, with no other session open."""
     results: dict[str, list[dict[str, object]]] = {name: [] for name in servers}
-    for question, label, audio, rate in clips:
-        for name, server in servers.items():
+    order = list(servers.items())
+    for round_number, (question, label, audio, rate) in enumerate(clips):
+        shift = round_number % len(order)  # no configuration always goes first
+        for name, server in order[shift:] + order[:shift]:
             client = _client(server)
             await client.connect()
             await asyncio.sleep(1.0)
@@ -274,14 +286,20 @@ async def _long_conversation(server: ServerProcess, count: int) -> dict[str, obj
 
 
 def _run_configurations(args: argparse.Namespace, variants: dict[str, list[str]], clips: list) -> dict[str, object]:
-    servers = {name: ServerProcess(args, extra) for name, extra in variants.items()}
+    servers: dict[str, ServerProcess] = {}
     try:
+        with _free_ports(len(variants)) as ports:
+            for (name, extra), port in zip(variants.items(), ports):
+                servers[name] = ServerProcess(args, extra, port)
         for server in servers.values():
             server.wait_ready()
         default = servers[DEFAULT]
         idle = asyncio.run(_idle_cost(default))
         turns = asyncio.run(_run_turns(servers, clips))
-        barge_ins = {name: asyncio.run(_barge_ins(server, args.barge_ins)) for name, server in servers.items()}
+        barge_ins = {
+            name: asyncio.run(_barge_ins(server, args.barge_ins)) if args.barge_ins else {}
+            for name, server in servers.items()
+        }
         memory = asyncio.run(_long_conversation(default, args.long_turns)) if args.long_turns else {}
     finally:
         for server in servers.values():
