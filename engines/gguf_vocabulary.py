@@ -1,6 +1,6 @@
 """An English-output copy of a GGUF model: the same weights, without the tokens English text never uses.
 
-A small model with a large multilingual vocabulary spends most of each generated token on its output
+A small model with a large multilingual vocabulary spends about half of each generated token on its output
 layer: Gemma 3 270M scores all 262,144 tokens, a 168 M-parameter matrix, for ~100 M parameters of
 transformer. Tokens whose text is not English (other scripts, accented letters) are never the
 answer in an English conversation, so dropping their rows from the shared embedding/output matrix
