@@ -68,17 +68,21 @@ async def test_an_iterator_that_fails_to_start_fails_its_consumer() -> None:
         await asyncio.wait_for(anext(iterate_in_thread(broken)), timeout=5)
 
 
-async def test_items_come_while_the_loops_thread_pool_is_busy() -> None:
+def test_items_come_while_the_loops_thread_pool_is_busy() -> None:
     """Sessions queued behind a paused model's lock fill the shared pool; the stream resuming it must still run."""
-    loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
-    release = threading.Event()
-    blocked = loop.run_in_executor(None, release.wait)
-    try:
-        produced: list[int] = []
-        items = iterate_in_thread(lambda cancelled: counting(produced, cancelled))
-        assert await asyncio.wait_for(anext(items), timeout=5) == 0
-        await items.aclose()
-    finally:
-        release.set()
-        await blocked
+
+    async def with_a_full_pool() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        release = threading.Event()
+        blocked = loop.run_in_executor(None, release.wait)
+        try:
+            produced: list[int] = []
+            items = iterate_in_thread(lambda cancelled: counting(produced, cancelled))
+            assert await asyncio.wait_for(anext(items), timeout=5) == 0
+            await items.aclose()
+        finally:
+            release.set()
+            await blocked
+
+    asyncio.run(with_a_full_pool())  # a loop of its own: the tests' shared loop keeps its pool
