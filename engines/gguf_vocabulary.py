@@ -39,7 +39,7 @@ TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "token
 
 # GGUF value types: struct format of the scalar ones; 8 is a string, 9 an array.
 SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-STRING, ARRAY = 8, 9
+UINT32, INT32, FLOAT32, STRING, ARRAY = 4, 5, 6, 8, 9
 # ggml tensor types: (elements per block, bytes per block), for the types a vocabulary matrix uses.
 BLOCK_LAYOUT = {
     0: (1, 4),  # F32
@@ -214,17 +214,17 @@ def _write_reduced(data: memoryview, target: Path, keep_piece: Callable[[str], b
             "tokenizer.ggml.tokens", STRING, b"".join(_string(pieces[i]) for i in kept), len(kept)
         ),
         "tokenizer.ggml.token_type": _array_field(
-            "tokenizer.ggml.token_type", 5, types[kept].astype("<i4").tobytes(), len(kept)
+            "tokenizer.ggml.token_type", INT32, types[kept].astype("<i4").tobytes(), len(kept)
         ),
         "tokenizer.ggml.scores": _array_field(
-            "tokenizer.ggml.scores", 6, scores[kept].astype("<f4").tobytes(), len(kept)
+            "tokenizer.ggml.scores", FLOAT32, scores[kept].astype("<f4").tobytes(), len(kept)
         ),
         **{
-            key: _string(key) + struct.pack("<II", 4, int(new_id[old]))
+            key: _string(key) + struct.pack("<II", UINT32, int(new_id[old]))
             for key, old in special_ids.items()
             if 0 <= old < len(keep)
         },
-        **{key: _string(key) + struct.pack("<II", 4, len(kept)) for key in fields if key.endswith(".vocab_size")},
+        **{key: _string(key) + struct.pack("<II", UINT32, len(kept)) for key in fields if key.endswith(".vocab_size")},
     }
     header = bytearray(data[:24])
     for key, field in fields.items():

@@ -50,7 +50,6 @@ class Turn:
     held_frames: list[QueuedFrame] = field(default_factory=list)
     # Cleared while the first chunk is synthesised: the LLM pauses, and TTS has the cores.
     llm_may_run: threading.Event = field(default_factory=threading.Event)
-    chunks_written: int = 0
 
     def __post_init__(self) -> None:
         self.llm_may_run.set()
@@ -335,10 +334,9 @@ class Conversation:
         self._emit_for(turn, {"type": "reply", "text": reply, "final": True, "turn": turn.id})
 
     def _write_chunk(self, turn: Turn, chunk: str, chunks: asyncio.Queue[str | None]) -> None:
-        turn.mark("first_clause")
-        if turn.chunks_written == 0 and self.settings.first_chunk_priority:
+        if "first_clause" not in turn.marks and self.settings.first_chunk_priority:
             turn.llm_may_run.clear()  # set again by _speak_chunks once the chunk is synthesised
-        turn.chunks_written += 1
+        turn.mark("first_clause")
         chunks.put_nowait(chunk)
 
     async def _speak_chunks(self, turn: Turn, chunks: asyncio.Queue[str | None]) -> None:
