@@ -4,13 +4,24 @@ The first chunk is on the critical path to the avatar's first word: it ends at t
 mark (or sentence end) once it has ``first_chunk_min_words`` words, or, when ``phrase_cut`` is on,
 just before a word that opens a new phrase ("Jupiter is the largest planet | in our solar system"),
 so the voice starts while the LLM is still writing the sentence.
+
+A sentence is known to have ended without waiting for the next token when it ends in "!", "?" or
+"…", or in "." after a lowercase word ("Paris." but not "3." or "U.S."): the first reply of a small model is often one sentence, and the token after it (the newline
+that stops the model) would otherwise hold the whole chunk back.
 """
 
 from __future__ import annotations
 
 import re
 
-SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)")
+CLOSERS = r"[\"')\]”’]*"
+SENTENCE_END = re.compile(rf"[.!?…]+{CLOSERS}(?=\s)")
+# At the very end of the text so far: a boundary no later token can move.
+SENTENCE_END_NOW = re.compile(rf"(?:[!?…]+|(?<![\w.])[A-Za-z]*[a-z]{{2}}\.){CLOSERS}$")
+# Words whose "." does not end the sentence ("Dr. Smith").
+ABBREVIATION = re.compile(
+    r"(?<![\w.])(?:mr|mrs|ms|dr|prof|sr|jr|st|vs|approx|incl|dept|fig|no|vol|e\.g|i\.e)\.$", re.IGNORECASE
+)
 CLAUSE_END = re.compile(r"[,;:—–]+(?=\s)")
 WORD = re.compile(r"\S+(?=\s)")  # a word known to be complete: something follows it
 # Prepositions, conjunctions and relative words a speaker naturally pauses before. "of" is left out:
@@ -44,7 +55,7 @@ class SpeechChunker:
         return [rest] if _speakable(rest) else []
 
     def _take_chunk(self) -> str | None:
-        boundary = _first_match_end(SENTENCE_END, self._pending)
+        boundary = _sentence_end(self._pending)
         mid_sentence = False
         if not self._emitted_any:
             clause = _first_clause_end(self._pending, self.first_chunk_min_words)
@@ -63,9 +74,12 @@ class SpeechChunker:
         return f"{chunk}," if mid_sentence else chunk
 
 
-def _first_match_end(pattern: re.Pattern[str], text: str) -> int | None:
-    match = pattern.search(text)
-    return match.end() if match else None
+def _sentence_end(text: str) -> int | None:
+    for match in SENTENCE_END.finditer(text):
+        if not ABBREVIATION.search(text, 0, match.end()):
+            return match.end()
+    match = SENTENCE_END_NOW.search(text)
+    return match.end() if match and not ABBREVIATION.search(text, 0, match.end()) else None
 
 
 def _first_clause_end(text: str, min_words: int) -> int | None:

@@ -161,6 +161,20 @@ def test_chunker_waits_until_the_phrase_word_is_complete_and_can_be_turned_off()
     ]
 
 
+def test_chunker_ends_a_sentence_on_its_last_token_unless_the_dot_may_not_end_it():
+    # The model's stop (a newline) is one token later: the one-sentence reply goes to TTS without it.
+    chunker = SpeechChunker()
+    assert chunker.feed("The capital of France is") == []
+    assert chunker.feed(" Paris.") == ["The capital of France is Paris."]
+    assert SpeechChunker().feed("Really?") == ["Really?"]
+    assert SpeechChunker().feed('The play is called "Hamlet."') == ['The play is called "Hamlet."']
+    # A number, an initialism or an abbreviation may go on: wait for the next token.
+    for text in ("The answer is 3.", "I live in the U.S.", "Ask Dr.", "It opens at 5 p.m."):
+        assert SpeechChunker().feed(text) == [], text
+    assert _chunks("Mr. Smith is here. He is tall.", SpeechChunker()) == ["Mr. Smith is here.", "He is tall."]
+    assert _chunks("It costs 3.5 dollars.", SpeechChunker()) == ["It costs 3.5 dollars."]
+
+
 def test_chunker_flushes_text_without_punctuation_and_skips_empty():
     chunker = SpeechChunker()
     assert chunker.feed("Hello there") == []
