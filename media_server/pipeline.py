@@ -6,6 +6,7 @@ every stage's task and queue, then clears what the timeline and the lip-sync str
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, object]], None]
 MIN_PARTIAL_SECONDS = 0.6
 LIPSYNC_PIECE_S = 0.2
+FIRST_LIPSYNC_PIECE_S = 0.08  # two frames at 25 fps: one to show, one the renderer looks ahead into
 
 
 @dataclass
@@ -68,6 +70,15 @@ async def _single(text: str) -> AsyncIterator[str]:
 def _log_failure(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("preparing the next reply failed: %s", future.exception())
+
+
+def lipsync_pieces(samples: int, rate: int, turn_starts: bool) -> list[tuple[int, int]]:
+    """(start, end) of the pieces a chunk's audio is rendered in, so the first frames are queued before
+    the whole sentence is rendered; the turn's very first piece is a few frames, so it starts at once."""
+    piece = int(LIPSYNC_PIECE_S * rate)
+    first = int(FIRST_LIPSYNC_PIECE_S * rate) if turn_starts else piece
+    bounds = [0, *range(min(first, samples), samples, piece), samples]
+    return [(start, end) for start, end in itertools.pairwise(bounds) if end > start]
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:
@@ -353,11 +364,9 @@ class Conversation:
                 turn.mark("first_tts_audio")
                 turn.llm_may_run.set()
                 audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
-                # In pieces, so the first frames are queued before the whole sentence is rendered.
-                piece = int(LIPSYNC_PIECE_S * self.timeline.sample_rate)
-                for offset in range(0, len(audio), piece):
+                for offset, end in lipsync_pieces(len(audio), self.timeline.sample_rate, first):
                     phonemes = chunk.phonemes if offset == 0 else None
-                    frames = await self._lipsync(self._push_speech, audio[offset : offset + piece], phonemes)
+                    frames = await self._lipsync(self._push_speech, audio[offset:end], phonemes)
                     first = self._enqueue(turn, frames, first)
             turn.llm_may_run.set()  # also when a chunk gave no audio
         frames = await self._lipsync(self._finish_segment)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
 
 from media_server.chunker import SpeechChunker
 from media_server.config import ConfigError, TurnSettings, load_settings
+from media_server.pipeline import lipsync_pieces
 from media_server.speech_corpus import word_error_rate
 from media_server.turn_policy import TurnEventKind, TurnPolicy
 
@@ -173,6 +175,15 @@ def test_chunker_ends_a_sentence_on_its_last_token_unless_the_dot_may_not_end_it
         assert SpeechChunker().feed(text) == [], text
     assert _chunks("Mr. Smith is here. He is tall.", SpeechChunker()) == ["Mr. Smith is here.", "He is tall."]
     assert _chunks("It costs 3.5 dollars.", SpeechChunker()) == ["It costs 3.5 dollars."]
+
+
+def test_a_turns_first_audio_goes_to_lip_sync_in_a_two_frame_piece_then_in_fifth_seconds():
+    assert lipsync_pieces(48000, 48000, turn_starts=True)[:3] == [(0, 3840), (3840, 13440), (13440, 23040)]
+    assert lipsync_pieces(48000, 48000, turn_starts=False)[:2] == [(0, 9600), (9600, 19200)]
+    for samples in (0, 1000, 3840, 48000, 50001):
+        pieces = lipsync_pieces(samples, 48000, turn_starts=True)
+        assert all(end == start for (_, end), (start, _) in itertools.pairwise(pieces))
+        assert (pieces[0][0], pieces[-1][1]) == (0, samples) if samples else pieces == []
 
 
 def test_chunker_flushes_text_without_punctuation_and_skips_empty():
