@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 Emit = Callable[[dict[str, object]], None]
 MIN_PARTIAL_SECONDS = 0.6
 LIPSYNC_PIECE_S = 0.2
-FIRST_LIPSYNC_PIECE_S = 0.08  # two frames at 25 fps: one to show, one the renderer looks ahead into
+# Two frames at 25 fps (one to show, one the renderer looks ahead into), then two more while it plays.
+TURN_START_LIPSYNC_PIECES_S = (0.08, 0.08)
 
 
 @dataclass
@@ -74,11 +75,14 @@ def _log_failure(future: asyncio.Future[None]) -> None:
 
 def lipsync_pieces(samples: int, rate: int, turn_starts: bool) -> list[tuple[int, int]]:
     """(start, end) of the pieces a chunk's audio is rendered in, so the first frames are queued before
-    the whole sentence is rendered; the turn's very first piece is a few frames, so it starts at once."""
-    piece = int(LIPSYNC_PIECE_S * rate)
-    first = int(FIRST_LIPSYNC_PIECE_S * rate) if turn_starts else piece
-    bounds = [0, *range(min(first, samples), samples, piece), samples]
-    return [(start, end) for start, end in itertools.pairwise(bounds) if end > start]
+    the whole sentence is rendered. A turn starts with short pieces, so its first frame is queued at once
+    and each next piece is rendered before the frames already queued have played."""
+    sizes = [int(seconds * rate) for seconds in (TURN_START_LIPSYNC_PIECES_S if turn_starts else ())]
+    bounds = [0]
+    while bounds[-1] < samples:
+        size = sizes.pop(0) if sizes else int(LIPSYNC_PIECE_S * rate)
+        bounds.append(min(bounds[-1] + size, samples))
+    return list(itertools.pairwise(bounds))
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

@@ -177,8 +177,8 @@ def test_chunker_ends_a_sentence_on_its_last_token_unless_the_dot_may_not_end_it
     assert _chunks("It costs 3.5 dollars.", SpeechChunker()) == ["It costs 3.5 dollars."]
 
 
-def test_a_turns_first_audio_goes_to_lip_sync_in_a_two_frame_piece_then_in_fifth_seconds():
-    assert lipsync_pieces(48000, 48000, turn_starts=True)[:3] == [(0, 3840), (3840, 13440), (13440, 23040)]
+def test_a_turns_first_audio_goes_to_lip_sync_in_two_frame_pieces_then_in_fifth_seconds():
+    assert lipsync_pieces(48000, 48000, turn_starts=True)[:3] == [(0, 3840), (3840, 7680), (7680, 17280)]
     assert lipsync_pieces(48000, 48000, turn_starts=False)[:2] == [(0, 9600), (9600, 19200)]
     for samples in (0, 1000, 3840, 48000, 50001):
         pieces = lipsync_pieces(samples, 48000, turn_starts=True)
