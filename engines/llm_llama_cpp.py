@@ -39,9 +39,10 @@ DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
 # fraction of the budget, so the kept window starts at the same message for several turns and
 # llama.cpp can reuse the evaluated prompt prefix instead of re-reading the whole history each turn.
 TRIM_TO_FRACTION = 0.5
-CLOSE_WAIT_S = 10.0
 # The share of the history budget kept for the question being answered (see _recent_lines).
 QUESTION_RESERVE_FRACTION = 0.125
+# How long close() waits for a reply or a read-ahead in another thread to let go of the model.
+CLOSE_WAIT_S = 10.0
 
 
 class LlamaCppLLM(LLMEngine):

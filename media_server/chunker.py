@@ -6,8 +6,9 @@ just before a word that opens a new phrase ("Jupiter is the largest planet | in 
 so the voice starts while the LLM is still writing the sentence.
 
 A sentence is known to have ended without waiting for the next token when it ends in "!", "?" or
-"…", or in "." after a lowercase word ("Paris." but not "3." or "U.S."): the first reply of a small model is often one sentence, and the token after it (the newline
-that stops the model) would otherwise hold the whole chunk back.
+"…", or in "." after a lowercase word ("Paris." but not "3." or "U.S."): a small model's reply is
+often one sentence, and the token after it (the newline that stops the model) would otherwise hold
+the whole chunk back.
 """
 
 from __future__ import annotations
