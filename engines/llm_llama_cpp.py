@@ -43,6 +43,8 @@ TRIM_TO_FRACTION = 0.5
 QUESTION_RESERVE_FRACTION = 0.125
 # How long close() waits for a reply or a read-ahead in another thread to let go of the model.
 CLOSE_WAIT_S = 10.0
+# The most tokens a read-ahead of a partial question evaluates (the question so far, with its label).
+GUESS_MAX_NEW_TOKENS = 64
 
 
 class LlamaCppLLM(LLMEngine):
@@ -91,6 +93,7 @@ class LlamaCppLLM(LLMEngine):
             )
         # A Llama object holds one KV cache and is not thread-safe: sessions take turns.
         self._lock = threading.Lock()
+        self._closed = False
 
     @staticmethod
     def _open(settings: Settings, path: Path) -> Llama:
@@ -312,7 +315,14 @@ class LlamaCppLLM(LLMEngine):
             known = self.build_prompt(persona, history).removesuffix(cue)
             self._lock.acquire()
         try:
-            self._evaluate(self._llama.tokenize(known.encode("utf-8")))
+            if self._closed:
+                return
+            tokens = self._llama.tokenize(known.encode("utf-8"))
+            # A guess only adds the question to a cache already holding this conversation: it never
+            # evicts another session's prompt to re-read this one's history.
+            if question_so_far.strip() and len(tokens) - self._shared_prefix(tokens) > GUESS_MAX_NEW_TOKENS:
+                return
+            self._evaluate(tokens)
         finally:
             self._lock.release()
 
@@ -359,6 +369,7 @@ class LlamaCppLLM(LLMEngine):
             log.warning("the LLM is still in use after %.0f s: leaving it to the process exit", CLOSE_WAIT_S)
             return
         try:
+            self._closed = True
             self._llama.close()
         finally:
             self._lock.release()

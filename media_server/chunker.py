@@ -21,7 +21,7 @@ SENTENCE_END = re.compile(rf"[.!?…]+{CLOSERS}(?=\s)")
 SENTENCE_END_NOW = re.compile(rf"(?:[!?…]+|(?<![\w.])[A-Za-z]*[a-z]{{2}}\.){CLOSERS}$")
 # Words whose "." does not end the sentence ("Dr. Smith").
 ABBREVIATION = re.compile(
-    r"(?<![\w.])(?:mr|mrs|ms|dr|prof|sr|jr|st|vs|approx|incl|dept|fig|no|vol|e\.g|i\.e)\.$", re.IGNORECASE
+    r"(?<![\w.])(?:mr|mrs|ms|dr|prof|sr|jr|st|vs|etc|approx|incl|dept|fig|vol|e\.g|i\.e)\.$", re.IGNORECASE
 )
 CLAUSE_END = re.compile(r"[,;:—–]+(?=\s)")
 WORD = re.compile(r"\S+(?=\s)")  # a word known to be complete: something follows it

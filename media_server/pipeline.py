@@ -252,7 +252,10 @@ class Conversation:
             self.emit({"type": "transcript", "text": transcript.text, "final": False})
             if self.settings.prefill_question and not self._pausing():
                 # The LLM reads the question so far while the user says the rest of it.
-                await asyncio.to_thread(self.engines.llm.prepare, self.persona, list(self.history), transcript.text)
+                try:
+                    await asyncio.to_thread(self.engines.llm.prepare, self.persona, list(self.history), transcript.text)
+                except Exception as error:  # only a head start: the reply reads the question anyway
+                    log.warning("reading the question ahead failed: %s", error)
 
     def _pausing(self) -> bool:
         return self._audio_time - self._policy.last_voiced_end > self._window_s
