@@ -318,17 +318,17 @@ class LlamaCppLLM(LLMEngine):
             if self._closed:
                 return
             tokens = self._llama.tokenize(known.encode("utf-8"))
+            shared = self._shared_prefix(tokens)
             # A guess only adds the question to a cache already holding this conversation: it never
             # evicts another session's prompt to re-read this one's history.
-            if question_so_far.strip() and len(tokens) - self._shared_prefix(tokens) > GUESS_MAX_NEW_TOKENS:
+            if question_so_far.strip() and len(tokens) - shared > GUESS_MAX_NEW_TOKENS:
                 return
-            self._evaluate(tokens)
+            self._evaluate(tokens, shared)
         finally:
             self._lock.release()
 
-    def _evaluate(self, tokens: list[int]) -> None:
-        """Have llama.cpp's KV cache start with exactly ``tokens``, reusing the prefix it holds."""
-        shared = self._shared_prefix(tokens)
+    def _evaluate(self, tokens: list[int], shared: int) -> None:
+        """Have llama.cpp's KV cache start with ``tokens``, of which it already holds the first ``shared``."""
         if shared == len(tokens):
             return
         self._llama.n_tokens = shared  # eval() drops the cache past n_tokens before it appends
