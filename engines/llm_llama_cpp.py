@@ -18,6 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal, Self
 
+import llama_cpp
+import numpy as np
 from llama_cpp import Llama
 from pydantic import Field, model_validator
 
@@ -45,6 +47,9 @@ QUESTION_RESERVE_FRACTION = 0.125
 CLOSE_WAIT_S = 10.0
 # The most tokens a read-ahead of a partial question evaluates (the question so far, with its label).
 GUESS_MAX_NEW_TOKENS = 64
+# Moving cached history costs one pass over the whole KV cache (re-rotating its keys to their new
+# positions): worth it from a few dozen tokens, which cost ~7 ms each to evaluate again here.
+MIN_MOVED_TOKENS = 32
 
 
 class LlamaCppLLM(LLMEngine):
@@ -224,6 +229,8 @@ class LlamaCppLLM(LLMEngine):
             stop = ["\n", f"{USER_LABEL}:", f"{speaker_label(persona)}:"]
             deltas = self._completion_deltas(self.build_prompt(persona, history), stop)
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the LLM engine is closed")
             if cancelled():
                 return
             said_something = yield from self._relay(deltas, cancelled)
@@ -265,8 +272,11 @@ class LlamaCppLLM(LLMEngine):
         }
 
     def _completion_deltas(self, prompt: str, stop: list[str]) -> Generator[str, None, None]:
+        # Runs under the model lock (the generator starts in _relay), so the cache is this reply's.
+        tokens = self._llama.tokenize(prompt.encode("utf-8"))
+        self._reuse_cache(tokens)
         chunks = self._llama.create_completion(
-            prompt,
+            tokens,
             **self._sampling(),
             stop=stop,
             stream=True,
@@ -318,11 +328,14 @@ class LlamaCppLLM(LLMEngine):
             if self._closed:
                 return
             tokens = self._llama.tokenize(known.encode("utf-8"))
-            shared = self._shared_prefix(tokens)
-            # A guess only adds the question to a cache already holding this conversation: it never
-            # evicts another session's prompt to re-read this one's history.
-            if question_so_far.strip() and len(tokens) - shared > GUESS_MAX_NEW_TOKENS:
-                return
+            if question_so_far.strip():
+                shared = self._shared_prefix(tokens)
+                # A guess only adds the question to a cache already holding this conversation: it never
+                # evicts another session's prompt to re-read this one's history.
+                if len(tokens) - shared > GUESS_MAX_NEW_TOKENS:
+                    return
+            else:
+                shared = self._reuse_cache(tokens)
             self._evaluate(tokens, shared)
         finally:
             self._lock.release()
@@ -331,8 +344,44 @@ class LlamaCppLLM(LLMEngine):
         """Have llama.cpp's KV cache start with ``tokens``, of which it already holds the first ``shared``."""
         if shared == len(tokens):
             return
-        self._llama.n_tokens = shared  # eval() drops the cache past n_tokens before it appends
+        if not llama_cpp.llama_memory_seq_rm(self._memory, 0, shared, -1):
+            shared = 0  # a recurrent model's state cannot be cut back: read the prompt again
+            self._llama.reset()
+        self._llama.n_tokens = shared
         self._llama.eval(tokens[shared:])
+
+    def _reuse_cache(self, tokens: list[int]) -> int:
+        """How many first ``tokens`` the cache holds, after moving the conversation the prompt kept.
+
+        When the prompt drops the oldest exchanges, the history it keeps is still in the cache, only
+        further on: it is moved up to follow the persona's preamble (llama.cpp re-rotates the moved
+        keys), so the turn that drops exchanges reads only its question, not the whole history again.
+        """
+        llama = self._llama
+        shared = self._shared_prefix(tokens)
+        cached = llama.input_ids[: llama.n_tokens]
+        wanted = np.asarray(tokens[shared : len(tokens) - 1])  # the last token is evaluated for its logits
+        if len(wanted) < MIN_MOVED_TOKENS or not llama_cpp.llama_memory_can_shift(self._memory):
+            return shared
+        start, length = _longest_run(cached, wanted, after=shared)
+        if length < MIN_MOVED_TOKENS:
+            return shared
+        end = start + length
+        if not (
+            llama_cpp.llama_memory_seq_rm(self._memory, 0, end, -1)
+            and llama_cpp.llama_memory_seq_rm(self._memory, 0, shared, start)
+        ):
+            llama.n_tokens = 0  # the cache no longer matches input_ids: read everything again
+            return 0
+        llama_cpp.llama_memory_seq_add(self._memory, 0, start, end, shared - start)
+        llama.input_ids[shared : shared + length] = cached[start:end].copy()
+        llama.n_tokens = shared + length
+        log.debug("moved %d cached tokens from position %d to %d", length, start, shared)
+        return shared + length
+
+    @property
+    def _memory(self) -> llama_cpp.llama_memory_t:
+        return llama_cpp.llama_get_memory(self._llama.ctx)
 
     def cached_prefix(self, prompt: str) -> tuple[int, int]:
         """(tokens of ``prompt``, how many of its first tokens llama.cpp has already evaluated)."""
@@ -373,6 +422,18 @@ class LlamaCppLLM(LLMEngine):
             self._llama.close()
         finally:
             self._lock.release()
+
+
+def _longest_run(cached: np.ndarray, wanted: np.ndarray, after: int) -> tuple[int, int]:
+    """(start, length) of the longest stretch of ``cached`` past ``after`` that ``wanted`` begins with."""
+    best = (0, 0)
+    for start in np.flatnonzero(cached[after + 1 :] == wanted[0]) + after + 1:
+        stretch = cached[start : start + len(wanted)]
+        differs = np.flatnonzero(stretch != wanted[: len(stretch)])
+        length = int(differs[0]) if len(differs) else len(stretch)
+        if length > best[1]:
+            best = (int(start), length)
+    return best
 
 
 def speaker_label(persona: Persona) -> str:

@@ -209,10 +209,8 @@ def test_prepare_leaves_the_personas_preamble_in_the_cache_for_the_first_reply(l
     assert length - shared < 20  # the reply evaluates the question, not the persona again
 
 
-def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_even_when_old_turns_drop(
-    llm: LlamaCppLLM,
-) -> None:
-    history = long_conversation(60)
+def drop_turns(llm: LlamaCppLLM, history: list[ChatMessage]) -> list[int]:
+    """The questions (indexes into ``history``) whose prompt drops exchanges the previous prompt had."""
     drops = [
         turn
         for turn in range(2, len(history) - 1, 2)  # history[:turn] ends with an answer
@@ -221,6 +219,14 @@ def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_eve
         )
     ]
     assert drops, "the conversation never outgrew the history budget"
+    return drops
+
+
+def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_even_when_old_turns_drop(
+    llm: LlamaCppLLM,
+) -> None:
+    history = long_conversation(60)
+    drops = drop_turns(llm, history)
     for turn in (drops[0], drops[-1], 10):
         llm.prepare(AVA, history[:turn])
         length, shared = llm.cached_prefix(llm.build_prompt(AVA, history[: turn + 1]))
@@ -228,6 +234,30 @@ def test_prepare_after_an_exchange_leaves_only_the_next_question_to_evaluate_eve
     calls = llm._llama.n_tokens
     llm.prepare(AVA, history[:10])  # already evaluated: nothing to do
     assert llm._llama.n_tokens == calls
+
+
+def test_the_reply_that_drops_old_exchanges_reads_only_its_question(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No quiet moment to prepare in (the user typed at once): the kept history is moved in the cache."""
+    engine = LlamaCppLLM(LlamaCppLLM.Settings(temperature=0.0, max_tokens=12))
+    try:
+        history = long_conversation(60)
+        turn = drop_turns(engine, history)[0]
+        engine.prepare(AVA, history[: turn - 1])  # the cache as the previous reply found it
+        evaluated: list[int] = []
+        evaluate = engine._llama.eval
+        monkeypatch.setattr(engine._llama, "eval", lambda tokens: (evaluated.append(len(tokens)), evaluate(tokens))[1])
+        moved_reply = "".join(engine.stream_reply(AVA, history[: turn + 1], never))
+        new_lines = engine.build_prompt(AVA, history[turn - 1 : turn + 1]).removeprefix(
+            engine.build_prompt(AVA, []).removesuffix("Ava:")
+        )
+        # The previous answer, the new question and the cue, not the ~300 tokens of kept history.
+        assert evaluated[0] <= engine.count_tokens(new_lines) + 2
+        engine._llama.reset()  # the same prompt read from scratch gives the same reply
+        fresh_start = len(evaluated)
+        assert "".join(engine.stream_reply(AVA, history[: turn + 1], never)) == moved_reply
+        assert evaluated[fresh_start] > 200  # that reply did read the whole prompt
+    finally:
+        engine.close()
 
 
 def test_prepare_with_the_question_so_far_leaves_only_its_rest_to_evaluate(llm: LlamaCppLLM) -> None:
