@@ -116,6 +116,7 @@ class TurnSettings(Strict):
     first_chunk_at_phrase: bool = True
     first_chunk_priority: bool = True
     prefill_question: bool = True
+    trim_leading_silence: bool = True
     max_history_messages: int = Field(200, ge=2)
     echo_guard: bool = True
     echo_correlation: float = Field(0.4, gt=0, le=1)

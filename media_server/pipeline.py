@@ -20,7 +20,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engines.avatar import Avatar
 from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, PhonemeTiming
-from media_server.audio import MicrophoneResampler, resample
+from media_server.audio import MicrophoneResampler, resample, silence_before_onset
 from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
 from media_server.chunker import SpeechChunker
 from media_server.config import Settings, TurnSettings
@@ -371,9 +371,12 @@ class Conversation:
                 turn.mark("first_tts_audio")
                 turn.llm_may_run.set()
                 audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
+                phonemes = chunk.phonemes
+                if first and self.settings.trim_leading_silence:
+                    audio, phonemes = self._from_onset(audio, phonemes)
                 for offset, end in lipsync_pieces(len(audio), self.timeline.sample_rate, first):
-                    phonemes = chunk.phonemes if offset == 0 else None
-                    frames = await self._lipsync(self._push_speech, audio[offset:end], phonemes)
+                    piece_phonemes = phonemes if offset == 0 else None
+                    frames = await self._lipsync(self._push_speech, audio[offset:end], piece_phonemes)
                     first = self._enqueue(turn, frames, first)
             turn.llm_may_run.set()  # also when a chunk gave no audio
         frames = await self._lipsync(self._finish_segment)
@@ -381,6 +384,22 @@ class Conversation:
             self._enqueue(turn, frames, first, last=True)
         else:
             self._emit_for(turn, {"type": "state", "state": "listening"})
+
+    def _from_onset(
+        self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None
+    ) -> tuple[np.ndarray, tuple[PhonemeTiming, ...] | None]:
+        """The reply's first audio from its first sound: a voice's lead-in silence (~40 ms for Piper's
+        joe) would only delay the moment the user hears the answer."""
+        rate = self.timeline.sample_rate
+        skipped = silence_before_onset(audio, rate)
+        if phonemes is not None:
+            shift = skipped / rate
+            phonemes = tuple(
+                PhonemeTiming(p.phoneme, max(0.0, p.start - shift), max(0.0, p.end - shift))
+                for p in phonemes
+                if p.end > shift
+            )
+        return audio[skipped:], phonemes
 
     def _push_speech(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None) -> list:
         self.lipsync.push_audio(audio, phonemes)

@@ -12,6 +12,7 @@ import pytest
 
 from engines.base import ASREngine, ChatMessage, LLMEngine, Persona, Transcript
 from media_server.app import SESSIONS
+from media_server.audio import silence_before_onset
 from media_server.av_output import AUDIO_PACKET_S
 from media_server.loopback_client import MicrophoneTrack
 from media_server.metrics import ServerMetrics
@@ -240,3 +241,39 @@ async def test_the_microphone_waits_in_aiortcs_jitter_buffer_only_as_long_as_con
         await asyncio.sleep(0.05)
     buffer = receivers[0]._RTCRtpReceiver__jitter_buffer  # the setting aiortc does not expose
     assert buffer._prefetch == runtime.settings.media.mic_jitter_buffer_packets == 1
+
+
+async def first_reply_audio(runtime, text: str, **turn: object) -> np.ndarray:
+    """The audio of the first frames a fresh conversation queues when it says ``text``."""
+    settings = runtime.settings.model_copy(update={"turn": runtime.settings.turn.model_copy(update=turn)})
+    setup = ConversationSetup(
+        settings=settings,
+        engines=runtime.engines,
+        metrics=ServerMetrics(),
+        avatar=runtime.avatars.get("default"),
+        persona=runtime.personas["assistant"],
+        voice=runtime.engines.tts.default_voice,
+    )
+    media = ConversationMedia.open("onset", setup, lambda event: None)
+    queued: list = []
+    media.timeline.enqueue = queued.extend
+    try:
+        media.conversation.say(text)
+        for _ in range(400):
+            if len(queued) >= 3:
+                return np.concatenate([q.frame.audio for q in queued[:3]])
+            await asyncio.sleep(0.05)
+        raise AssertionError("no reply frames")
+    finally:
+        media.close(ServerMetrics())
+
+
+async def test_a_reply_starts_at_its_first_sound(runtime):
+    text = "I don't know."
+    voice, rate = project_voice(runtime, text)
+    assert silence_before_onset(voice, rate) > 0.025 * rate  # Piper's joe leads in with silence
+    trimmed_start = await first_reply_audio(runtime, text)
+    untrimmed_start = await first_reply_audio(runtime, text, trim_leading_silence=False)
+    output_rate = runtime.settings.media.sample_rate
+    assert silence_before_onset(trimmed_start, output_rate) == 0  # at most the 10 ms kept before the sound
+    assert silence_before_onset(untrimmed_start, output_rate) > 0.015 * output_rate

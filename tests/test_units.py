@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import re
 
+import numpy as np
 import pytest
 
+from media_server.audio import silence_before_onset
 from media_server.chunker import SpeechChunker
 from media_server.config import ConfigError, TurnSettings, load_settings
 from media_server.pipeline import lipsync_pieces
@@ -197,3 +199,13 @@ def test_word_error_rate_ignores_case_punctuation_and_how_small_numbers_are_writ
     assert word_error_rate("What is two plus three?", "what is 2 plus 3") == 0.0
     assert word_error_rate("How many legs does a spider have?", "How many lengths does a spider half?") == 2 / 7
     assert word_error_rate("one two", "") == 1.0
+
+
+def test_silence_before_onset_keeps_ten_milliseconds_before_the_first_sound():
+    rate = 48000
+    tone = 0.3 * np.sin(np.arange(rate // 10) * 2 * np.pi * 220 / rate).astype(np.float32)
+    hiss = np.full(int(0.04 * rate), 1e-4, np.float32)  # a voice model's near-silence
+    assert silence_before_onset(np.concatenate([hiss, tone]), rate) == int(0.03 * rate)
+    assert silence_before_onset(tone, rate) == 0
+    assert silence_before_onset(hiss, rate) == 0  # nothing to start from: left as it is
+    assert silence_before_onset(np.zeros(0, np.float32), rate) == 0
