@@ -52,7 +52,12 @@ class PlaybackEvent:
 
 class OpusEncoder:
     """20 ms packets of mono 16-bit audio to Opus packets, each carrying the int16 samples it encodes
-    (``packet.opaque``) for whoever needs to know what was sent."""
+    (``packet.opaque``) for whoever needs to know what was sent.
+
+    An idle avatar sends silence 50 times a second. A few packets into a silence libopus writes the same
+    bytes for every silent packet; from then on those bytes are sent again without calling the encoder
+    (the encoder's own state is a silence's either way, so speech after it is encoded as it would be).
+    """
 
     def __init__(self, sample_rate: int) -> None:
         self.codec = av.CodecContext.create("libopus", "w")
@@ -62,16 +67,47 @@ class OpusEncoder:
         self.codec.bit_rate = OPUS_BITRATE
         self.codec.options = {"application": "voip"}
         self.codec.time_base = fractions.Fraction(1, sample_rate)
+        self._last_silent_payload: bytes | None = None
+        self._steady_silence: bytes | None = None
+        # Packets are stamped this much before their input (the encoder's lookahead), by us: the encoder
+        # counts the samples it was given and would not see the silence it was spared.
+        self._output_delay: int | None = None
+        self.encoder_calls = 0
 
     def encode(self, pcm: np.ndarray, pts: int) -> list[av.Packet]:
+        if pcm.any():
+            self._last_silent_payload = self._steady_silence = None
+            return self._encode(pcm, pts)
+        if self._steady_silence is not None:
+            return [self._packet(self._steady_silence, pcm, pts)]
+        packets = self._encode(pcm, pts)
+        if len(packets) == 1:
+            payload = bytes(packets[0])
+            if payload == self._last_silent_payload:
+                self._steady_silence = payload
+            self._last_silent_payload = payload
+        return packets
+
+    def _encode(self, pcm: np.ndarray, pts: int) -> list[av.Packet]:
+        self.encoder_calls += 1
         frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
         frame.sample_rate = self.codec.sample_rate
         frame.pts = pts
         frame.time_base = self.codec.time_base
         packets = self.codec.encode(frame)
+        if packets and self._output_delay is None:
+            self._output_delay = pts - packets[0].pts
         for packet in packets:
+            packet.pts = pts - (self._output_delay or 0)
             packet.opaque = pcm
         return packets
+
+    def _packet(self, payload: bytes, pcm: np.ndarray, pts: int) -> av.Packet:
+        packet = av.Packet(payload)
+        packet.pts = pts - (self._output_delay or 0)
+        packet.time_base = self.codec.time_base
+        packet.opaque = pcm
+        return packet
 
 
 class OutputTrack(MediaStreamTrack):
