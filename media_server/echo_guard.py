@@ -37,6 +37,8 @@ class EchoGuard:
 
     def played(self, audio_48k: np.ndarray) -> None:
         """Record one packet of output audio (silence too, so the history stays aligned in time)."""
+        if not self._played_recently and not audio_48k.any():
+            return  # the history is all silence already: shifting more in changes nothing
         decimated = audio_48k[: len(audio_48k) // DECIMATION * DECIMATION].reshape(-1, DECIMATION).mean(axis=1)
         emphasised = _pre_emphasised(decimated, self._last_played)
         self._last_played = float(decimated[-1]) if len(decimated) else self._last_played
