@@ -48,7 +48,7 @@ from media_server.pipeline import ConversationMedia, ConversationSetup
 from media_server.rtmp import RtmpPusher
 from media_server.runtime import Runtime
 from media_server.session import MAX_TEXT_CHARS
-from media_server.webrtc_tuning import rtc_configuration
+from media_server.webrtc_tuning import rtc_configuration, use_rendered_video_encoder
 
 log = logging.getLogger(__name__)
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -178,6 +178,8 @@ class BroadcastSession:
                 raise ValueError("the offer has neither audio nor video to receive")
             for kind in sorted(kinds & {"audio", "video"}):
                 viewer.pc.addTrack(viewer.tracks[kind])
+            if "video" in kinds:
+                use_rendered_video_encoder(viewer.pc, viewer.tracks["video"])
             await viewer.pc.setLocalDescription(await viewer.pc.createAnswer())
         except Exception:
             await viewer.close()

@@ -14,7 +14,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from media_server.pipeline import ConversationMedia, ConversationSetup
-from media_server.webrtc_tuning import rtc_configuration, set_audio_jitter_buffer
+from media_server.webrtc_tuning import rtc_configuration, set_audio_jitter_buffer, use_rendered_video_encoder
 
 log = logging.getLogger(__name__)
 MAX_TEXT_CHARS = 2000
@@ -52,6 +52,7 @@ class Session:
             self.pc.addTrack(self.timeline.audio)
         if "video" in offered:
             self.pc.addTrack(self.timeline.video)
+            use_rendered_video_encoder(self.pc, self.timeline.video)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self._spawn(self.timeline.run())
         self._spawn(self._watchdog())

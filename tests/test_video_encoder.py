@@ -1,0 +1,32 @@
+"""The video encoder sessions use: set up for rendered frames, and really used by the WebRTC sender."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiortc.codecs.vpx import Vp8Encoder
+
+from media_server.app import SESSIONS
+from media_server.bench_video import avatar_frames, encode_frames, mean_psnr
+from media_server.webrtc_tuning import RenderedVideoVp8Encoder
+
+
+def test_rendered_frames_come_back_sharper_than_with_a_cameras_settings_at_the_same_bitrate(runtime) -> None:
+    engines, media = runtime.engines, runtime.settings.media
+    frames = avatar_frames(engines.tts, engines.lipsync, runtime.avatars.get("default"), media)
+    _, ours = encode_frames(RenderedVideoVp8Encoder(), frames, media.fps)
+    _, cameras = encode_frames(Vp8Encoder(), frames, media.fps)
+    assert mean_psnr(frames, ours) > mean_psnr(frames, cameras) + 0.5  # 1.5 dB on the default avatar
+    assert sum(map(len, ours)) < 1.1 * sum(map(len, cameras))
+
+
+async def test_a_session_sends_its_video_through_the_rendered_frames_encoder(client_factory, server_app) -> None:
+    client = await client_factory()
+    for _ in range(100):
+        if client.recording.video:
+            break
+        await asyncio.sleep(0.05)
+    assert client.recording.video, "no video frame decoded"
+    session = server_app[SESSIONS][client.session_id]
+    sender = next(t.sender for t in session.pc.getTransceivers() if t.kind == "video")
+    assert isinstance(sender._RTCRtpSender__encoder, RenderedVideoVp8Encoder)
