@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import time
 
 from engines.base import ChatMessage, LLMEngine, Persona
 from engines.registry import create_engine
+from media_server.bench_output import print_summary
 from media_server.config import Settings
 from media_server.runtime import personas_from
 from media_server.speech_corpus import QUESTIONS
@@ -116,11 +116,4 @@ def run(settings: Settings) -> dict[str, object]:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
-    summary = run(settings)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return
-    for section, results in summary.items():
-        print(f"== {section} ==")
-        for key, value in results.items():
-            print(f"{key}: {value}")
+    print_summary(run(settings), args.json, sections=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import fractions
-import json
 import statistics
 import time
 
@@ -23,6 +22,7 @@ from engines.avatar import Avatar, load_avatar
 from engines.base import LipSyncEngine, TTSEngine
 from engines.registry import create_engine
 from media_server.audio import resample
+from media_server.bench_output import print_summary
 from media_server.config import MediaSettings, Settings
 from media_server.webrtc_tuning import RenderedVideoVp8Encoder
 
@@ -103,9 +103,4 @@ def run(settings: Settings) -> dict[str, object]:
 
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
-    summary = run(settings)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-        return
-    for key, value in summary.items():
-        print(f"{key}: {value}")
+    print_summary(run(settings), args.json)
