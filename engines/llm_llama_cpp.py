@@ -67,9 +67,11 @@ class LlamaCppLLM(LLMEngine):
         # "english": a copy of the model without the tokens English text never uses (engines/gguf_vocabulary.py):
         # each token is cheaper to write and English replies are unchanged. "full" for other languages.
         vocabulary: Literal["english", "full"] = "english"
-        # Dropping old exchanges moves the kept history in the KV cache; false: it is read again.
+        # Dropping old exchanges moves the kept history in the KV cache; false: it is read again (exactly
+        # as a fresh prompt would be: the moved entries were computed beside the dropped exchanges).
+        # Completion prompts only: chat templates are not prepared or moved.
         move_kept_history: bool = True
-        seed: int = 0  # used for every reply, so the same conversation gets the same answer
+        seed: int = 0  # used for every reply, so the same prompt from the same cache gets the same answer
         fallback_reply: str = Field(default="Sorry, I didn't catch that.", min_length=1)
 
         @model_validator(mode="after")
@@ -358,6 +360,7 @@ class LlamaCppLLM(LLMEngine):
         When the prompt drops the oldest exchanges, the history it keeps is still in the cache, only
         further on: it is moved up to follow the persona's preamble (llama.cpp re-rotates the moved
         keys), so the turn that drops exchanges reads only its question, not the whole history again.
+        An approximation: the moved entries were computed while the dropped exchanges were in view.
         """
         llama = self._llama
         shared = self._shared_prefix(tokens)
@@ -377,7 +380,7 @@ class LlamaCppLLM(LLMEngine):
             llama_cpp.llama_memory_seq_rm(self._memory, 0, end, -1)
             and llama_cpp.llama_memory_seq_rm(self._memory, 0, shared, start)
         ):
-            llama.n_tokens = 0  # the cache no longer matches input_ids: read everything again
+            llama.n_tokens = 0  # defensive (can_shift models accept both cuts): read everything again
             return 0
         llama_cpp.llama_memory_seq_add(self._memory, 0, start, end, shared - start)
         llama.input_ids[shared : shared + length] = cached[start:end].copy()

@@ -55,8 +55,9 @@ class OpusEncoder:
     (``packet.opaque``) for whoever needs to know what was sent.
 
     An idle avatar sends silence 50 times a second. A few packets into a silence libopus writes the same
-    bytes for every silent packet; from then on those bytes are sent again without calling the encoder
-    (the encoder's own state is a silence's either way, so speech after it is encoded as it would be).
+    bytes for every silent packet; from then on those bytes are sent again without calling the encoder.
+    The encoder's state then stays that of a shorter silence: speech after it is encoded a little
+    differently, not worse (within 0.5 dB SNR, tests/test_av_output.py).
     """
 
     def __init__(self, sample_rate: int) -> None:

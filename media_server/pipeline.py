@@ -365,6 +365,8 @@ class Conversation:
 
     async def _speak_chunks(self, turn: Turn, chunks: asyncio.Queue[str | None]) -> None:
         first = True
+        # Only the reply's first sound is brought forward: later sentences keep their pauses.
+        trim_pending = self.settings.trim_leading_silence
         while (text := await chunks.get()) is not None:
             speech = iterate_in_thread(lambda cancelled, text=text: self.engines.tts.synthesize(text, self.voice))
             async for chunk in speech:
@@ -372,8 +374,9 @@ class Conversation:
                 turn.llm_may_run.set()
                 audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
                 phonemes = chunk.phonemes
-                if first and self.settings.trim_leading_silence:
+                if trim_pending:
                     audio, phonemes = self._from_onset(audio, phonemes)
+                    trim_pending = False
                 for offset, end in lipsync_pieces(len(audio), self.timeline.sample_rate, first):
                     piece_phonemes = phonemes if offset == 0 else None
                     frames = await self._lipsync(self._push_speech, audio[offset:end], piece_phonemes)

@@ -45,7 +45,15 @@ def test_steady_silence_is_sent_without_encoding_and_speech_after_it_is_unharmed
     every_packet = encode(OpusEncoder(RATE), stream, every_packet=True)
 
     assert len(packets) == len(stream) // PACKET  # one packet per 20 ms, silence included
-    assert [p.pts for p in packets] == [p.pts for p in every_packet]  # as the encoder stamps them,
+    raw = av.CodecContext.create("libopus", "w")  # libopus's own stamps, every packet encoded
+    raw.sample_rate, raw.layout, raw.format, raw.bit_rate = RATE, "mono", "s16", encoder.codec.bit_rate
+    raw.time_base = encoder.codec.time_base
+    raw_stamps = []
+    for start in range(0, len(stream), PACKET):
+        frame = av.AudioFrame.from_ndarray(stream[None, start : start + PACKET], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = RATE, start, raw.time_base
+        raw_stamps += [p.pts for p in raw.encode(frame)]
+    assert [p.pts for p in packets] == raw_stamps  # as libopus stamps them,
     assert set(np.diff([p.pts for p in packets])) == {PACKET}  # 20 ms apart, silence or not
     assert all(np.array_equal(p.opaque, stream[i * PACKET : (i + 1) * PACKET]) for i, p in enumerate(packets))
     assert encoder.encoder_calls < 2 * len(speech) // PACKET + 3 * 5  # each silence: a few packets, then none

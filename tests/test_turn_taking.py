@@ -275,5 +275,6 @@ async def test_a_reply_starts_at_its_first_sound(runtime):
     trimmed_start = await first_reply_audio(runtime, text)
     untrimmed_start = await first_reply_audio(runtime, text, trim_leading_silence=False)
     output_rate = runtime.settings.media.sample_rate
+    assert np.abs(trimmed_start).max() > 0.05  # the reply's voice, not silence
     assert silence_before_onset(trimmed_start, output_rate) == 0  # at most the 10 ms kept before the sound
     assert silence_before_onset(untrimmed_start, output_rate) > 0.015 * output_rate

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
+from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.codecs.vpx import Vp8Encoder
 
 from media_server.app import SESSIONS
+from media_server.av_output import OutputTrack
 from media_server.bench_video import avatar_frames, encode_frames, mean_psnr
-from media_server.webrtc_tuning import RenderedVideoVp8Encoder
+from media_server.webrtc_tuning import RenderedVideoVp8Encoder, use_rendered_video_encoder
 
 
 def test_rendered_frames_come_back_sharper_than_with_a_cameras_settings_at_the_same_bitrate(runtime) -> None:
@@ -30,3 +32,27 @@ async def test_a_session_sends_its_video_through_the_rendered_frames_encoder(cli
     session = server_app[SESSIONS][client.session_id]
     sender = next(t.sender for t in session.pc.getTransceivers() if t.kind == "video")
     assert isinstance(sender._RTCRtpSender__encoder, RenderedVideoVp8Encoder)
+
+
+async def encoder_for_an_offer_of(mime_type: str) -> object:
+    """The encoder a server sender gets when the browser offers only ``mime_type`` for video."""
+    browser, server = RTCPeerConnection(), RTCPeerConnection()
+    try:
+        transceiver = browser.addTransceiver("video", direction="recvonly")
+        codecs = RTCRtpSender.getCapabilities("video").codecs
+        transceiver.setCodecPreferences([c for c in codecs if c.mimeType == mime_type])
+        await browser.setLocalDescription(await browser.createOffer())
+        await server.setRemoteDescription(browser.localDescription)
+        track = OutputTrack("video")
+        server.addTrack(track)
+        use_rendered_video_encoder(server, track)
+        sender = next(t.sender for t in server.getTransceivers() if t.kind == "video")
+        return sender._RTCRtpSender__encoder
+    finally:
+        await browser.close()
+        await server.close()
+
+
+async def test_only_a_vp8_session_gets_the_rendered_frames_encoder() -> None:
+    assert isinstance(await encoder_for_an_offer_of("video/VP8"), RenderedVideoVp8Encoder)
+    assert await encoder_for_an_offer_of("video/H264") is None  # aiortc creates its own H.264 encoder
