@@ -139,12 +139,13 @@ class PhonemeTiming:
 
 @dataclass(frozen=True)
 class SpeechChunk:
-    """Synthesised audio for one sentence or clause."""
+    """Synthesised audio: a sentence, or a piece of one (a voice may send a sentence in pieces)."""
 
     audio: np.ndarray  # float32 mono in [-1, 1]
     sample_rate: int
-    text: str
+    text: str  # the sentence this audio is (part of)
     phonemes: tuple[PhonemeTiming, ...] | None = None  # None when the voice gives no durations
+    starts_sentence: bool = True  # False for the later pieces of a sentence
 
 
 class TTSEngine(Engine):
@@ -158,7 +159,9 @@ class TTSEngine(Engine):
 
     @abstractmethod
     def synthesize(self, text: str, voice: str) -> Iterator[SpeechChunk]:
-        """Yield one chunk per sentence as soon as it is ready. Closing the iterator abandons the rest."""
+        """Yield audio as soon as it is ready, sentence by sentence, in one or more chunks per sentence.
+
+        Closing the iterator abandons the rest."""
 
 
 # --- Lip-sync --------------------------------------------------------------

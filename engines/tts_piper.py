@@ -6,8 +6,9 @@ not even lazily: each worker is a separate Python process running
 process imports piper. Every worker loads every voice once and serves one request at
 a time; requests go to the worker with the fewest requests outstanding.
 
-Chunks carry phoneme timings only when the worker can get durations from the model (see
-the worker's docstring: standard piper voices need the onnx package for that).
+A sentence arrives in pieces, the first ~0.28 s of it as soon as it is decoded (see the
+worker's docstring), so a reply's first words are heard before its first sentence is
+synthesised. Chunks carry phoneme timings when the model has a duration tensor (piper's do).
 Replies are routed by request id, so chunks of an abandoned request (closed iterator on
 barge-in) are dropped and never reach a later request.
 """
@@ -85,6 +86,7 @@ def _speech_chunk(header: dict[str, Any], payload: bytes) -> SpeechChunk:
         sample_rate=int(header["sample_rate"]),
         text=header["text"],
         phonemes=None if timings is None else tuple(PhonemeTiming(p, start, end) for p, start, end in timings),
+        starts_sentence=bool(header["starts_sentence"]),
     )
 
 
@@ -145,7 +147,7 @@ class _WorkerProcess:
         return replies
 
     def abort(self, request_id: int) -> None:
-        """Stop a request after its current sentence; whatever it still sends is dropped."""
+        """Stop a request after the piece it is synthesising; whatever it still sends is dropped."""
         with self._lock:
             if self._pending.pop(request_id, None) is not None:
                 self._send({"op": "abort", "id": request_id})
@@ -229,7 +231,7 @@ class _SpeechStream(Iterator[SpeechChunk]):
         raise PiperWorkerError(reply.message)
 
     def close(self) -> None:
-        """Barge-in: the worker stops after the sentence it is synthesising, and its chunks are dropped."""
+        """Barge-in: the worker stops after the piece it is synthesising, and its chunks are dropped."""
         if not self._finished:
             self._finished = True
             self._worker.abort(self._request_id)
@@ -246,6 +248,9 @@ class PiperTTS(TTSEngine):
         workers: int = Field(1, ge=1, description="worker processes; each loads every voice")
         # Two: the first sentence of a reply is on the critical path, and is synthesised ~1.6x faster.
         onnx_threads: int = Field(2, ge=1, description="onnxruntime threads per worker")
+        stream_sentences: bool = Field(
+            True, description="send a sentence's first ~0.28 s as soon as it is decoded, not the whole sentence at once"
+        )
 
         @field_validator("voices")
         @classmethod
@@ -276,6 +281,7 @@ class PiperTTS(TTSEngine):
                 "voices": {name: str(path) for name, path in self._model_paths.items()},
                 "length_scale": settings.length_scale,
                 "onnx_threads": settings.onnx_threads,
+                "stream_sentences": settings.stream_sentences,
             }
         )
         self._request_ids = itertools.count(1)
@@ -326,6 +332,7 @@ class PiperTTS(TTSEngine):
             "length_scale": self._settings.length_scale,
             "workers": self._settings.workers,
             "onnx_threads": self._settings.onnx_threads,
+            "stream_sentences": self._settings.stream_sentences,
             "process": "runs in a separate process (GPL-3.0 boundary): piper-tts is GPL-3.0, "
             f"so only the {WORKER_MODULE} worker processes import it",
         }

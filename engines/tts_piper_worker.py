@@ -3,27 +3,29 @@
 piper-tts is GPL-3.0 and Facecast is Apache-2.0, so piper never runs in the server
 process: ``engines.tts_piper`` starts this module as
 ``python -m engines.tts_piper_worker CONFIG_JSON`` and talks to it over pipes.
-CONFIG_JSON is ``{"voices": {name: onnx_path}, "length_scale": float, "onnx_threads": int}``.
+CONFIG_JSON is ``{"voices": {name: onnx_path}, "length_scale": float, "onnx_threads": int,
+"stream_sentences": bool}`` (false: each sentence decoded whole, in one chunk).
 
 Protocol. Requests arrive on stdin, one JSON object a line:
 
     {"op": "synthesize", "id": 7, "text": "...", "voice": "joe"}
-    {"op": "abort", "id": 7}       # stop request 7 after the sentence being synthesised
+    {"op": "abort", "id": 7}       # stop request 7 after the piece being synthesised
 
 Replies go to stdout, each a JSON header line, a chunk's header followed by its audio
 as ``samples`` little-endian float32 values:
 
-    {"event": "ready", "voices": {"joe": {"sample_rate": 22050, "phoneme_timings": false}}}  # once loaded
-    {"event": "chunk", "id": 7, "text": "...", "sample_rate": 22050, "samples": N,
-     "phonemes": [[phoneme, start_s, end_s], ...] | null}
+    {"event": "ready", "voices": {"joe": {"sample_rate": 22050, "phoneme_timings": true}}}  # once loaded
+    {"event": "chunk", "id": 7, "text": "<the sentence>", "starts_sentence": true, "sample_rate": 22050,
+     "samples": N, "phonemes": [[phoneme, start_s, end_s], ...] | null}
     {"event": "done", "id": 7}                        # also after an abort
     {"event": "error", "id": 7, "message": "..."}
 
-Requests are served one at a time, in order; a request's chunks come one per sentence.
-Phoneme timings come only from models with a duration output; with the onnx package
-installed the worker adds that output to standard piper models in memory. They are piper's
-phonemes (NFD codepoints, stress marks included); "^" and "$" mark the leading and trailing
-silence.
+Requests are served one at a time, in order. A sentence comes in several chunks, each
+carrying the sentence's text: the voice's model is cut in front of its decoder
+(``engines.vits_streaming``), and the first ~0.28 s of a sentence is sent as soon as it is
+decoded, then windows twice as long as the one before. Phoneme timings (seconds from the
+chunk's start) come from the model's duration tensor; they are piper's phonemes (NFD
+codepoints, stress marks included), "^" and "$" marking the leading and trailing silence.
 The worker exits when stdin closes.
 """
 
@@ -36,13 +38,17 @@ import re
 import sys
 import threading
 import traceback
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import onnxruntime
-from piper import PiperVoice, SynthesisConfig
+import onnx
+from piper import PiperVoice
 from piper.config import PiperConfig
+from piper.const import BOS, EOS, PAD
+
+from engines.vits_streaming import FIRST_WINDOW_FRAMES, StreamingVits, split_vits, windows
 
 # A sentence ends at . ! ? or … (optionally followed by a closing quote or bracket) before
 # whitespace, or at a line break.
@@ -86,62 +92,92 @@ def split_sentences(text: str) -> list[str]:
     return sentences
 
 
-def model_source(model_path: str) -> str | bytes:
-    """The model, patched in memory to output phoneme durations when the onnx package is installed.
-
-    Piper's own ``include_alignments`` does the same, but PiperVoice.load offers no thread count.
-    """
-    try:
-        import onnx
-        from piper.patch_voice_with_alignment import add_alignment_output
-    except ImportError:
-        return model_path
-    model = onnx.load(model_path)
-    try:
-        add_alignment_output(model)
-    except ValueError:  # no single duration tensor to expose, or the file is patched already
-        return model_path
-    return model.SerializeToString()
-
-
-def load_voice(model_path: str, onnx_threads: int) -> PiperVoice:
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = onnx_threads
-    options.inter_op_num_threads = 1
-    config = json.loads(Path(f"{model_path}.json").read_text(encoding="utf-8"))
-    session = onnxruntime.InferenceSession(
-        model_source(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    return PiperVoice(session=session, config=PiperConfig.from_dict(config))
+def phoneme_timings(
+    phonemes: list[str],
+    phoneme_id_map: Mapping[str, Sequence[int]],
+    frames_per_id: np.ndarray,
+    seconds_per_frame: float,
+) -> list[Timing] | None:
+    """Each phoneme's (start, end) in seconds: its ids and the pad id after it (piper's id layout)."""
+    pad_ids = len(phoneme_id_map.get(PAD, []))
+    timings: list[Timing] = []
+    index, frame = 0, 0
+    for phoneme in [BOS, *phonemes, EOS]:
+        count = len(phoneme_id_map.get(phoneme, [])) + (pad_ids if phoneme != EOS else 0)
+        if index + count > len(frames_per_id):
+            return None
+        frames = int(frames_per_id[index : index + count].sum())
+        timings.append((phoneme, frame * seconds_per_frame, (frame + frames) * seconds_per_frame))
+        index, frame = index + count, frame + frames
+    return timings if index == len(frames_per_id) else None
 
 
-def describe_voice(voice: PiperVoice) -> dict[str, Any]:
-    return {"sample_rate": voice.config.sample_rate, "phoneme_timings": len(voice.session.get_outputs()) > 1}
-
-
-def synthesize_sentence(
-    voice: PiperVoice, sentence: str, syn_config: SynthesisConfig
-) -> tuple[np.ndarray, list[Timing] | None] | None:
-    """A sentence's audio and, if the model outputs durations, its phoneme timings (None: nothing to say)."""
-    sample_rate = voice.config.sample_rate
-    parts: list[np.ndarray] = []
-    timings: list[Timing] | None = []
-    offset = 0
-    # espeak may cut a sentence into several clauses; they are joined back into one chunk.
-    for chunk in voice.synthesize(sentence, syn_config, include_alignments=True):
-        if chunk.phoneme_alignments is None:
-            timings = None
-        elif timings is not None:
-            position = offset
-            for alignment in chunk.phoneme_alignments:
-                end = position + int(alignment.num_samples)
-                timings.append((alignment.phoneme, position / sample_rate, end / sample_rate))
-                position = end
-        parts.append(chunk.audio_float_array)
-        offset += len(chunk.audio_float_array)
-    if not parts:
+def timings_within(timings: list[Timing] | None, start: float, end: float) -> list[Timing] | None:
+    """The phonemes heard in [start, end), in seconds from ``start``."""
+    if timings is None:
         return None
-    return np.concatenate(parts).astype("<f4"), timings
+    return [(p, max(s, start) - start, min(e, end) - start) for p, s, e in timings if e > start and s < end]
+
+
+class Speaker:
+    """One voice, speaking a sentence window by window (``engines.vits_streaming``).
+
+    Piper normalises each sentence to its own peak, which needs the whole sentence first; a
+    speaker instead applies one gain per voice, measured on a few sentences at load, so every
+    window of every sentence is equally loud.
+    """
+
+    _CALIBRATION = ("Hello there.", "The capital of France is Paris.", "Yes, I think so, but I am not sure.")
+    _PEAK = 0.95
+
+    def __init__(self, model_path: str, onnx_threads: int, length_scale: float, first_window: int | None) -> None:
+        config = json.loads(Path(f"{model_path}.json").read_text(encoding="utf-8"))
+        self.config = PiperConfig.from_dict(config)
+        self._length_scale = length_scale
+        self._first_window = first_window
+        model = onnx.load(model_path)
+        graphs = split_vits(model)
+        if graphs is None:
+            raise ValueError(f"{model_path} is not a VITS model this worker can decode window by window")
+        self._vits = StreamingVits(graphs, onnx_threads)
+        # PiperVoice phonemizes; its own session (the whole model) is never run.
+        self._voice = PiperVoice(session=None, config=self.config)  # type: ignore[arg-type]
+        self._gain = 1.0
+        peak = max(float(np.abs(audio).max()) for text in self._CALIBRATION for audio, _ in self.pieces(text))
+        self._gain = self._PEAK / peak
+
+    def describe(self) -> dict[str, Any]:
+        return {"sample_rate": self.config.sample_rate, "phoneme_timings": self._vits.has_durations}
+
+    def pieces(self, sentence: str) -> Iterator[tuple[np.ndarray, list[Timing] | None]]:
+        """The sentence's audio, window by window, each with the phonemes heard in it.
+
+        espeak may cut a sentence into clauses; their windows follow one another.
+        """
+        seconds_per_frame = self.config.hop_length / self.config.sample_rate
+        for phonemes in self._voice.phonemize(sentence):
+            if not phonemes:
+                continue
+            decoder_inputs, frames_per_id = self._vits.encode(self._feeds(self._voice.phonemes_to_ids(phonemes)))
+            timings = None
+            if frames_per_id is not None:
+                timings = phoneme_timings(phonemes, self.config.phoneme_id_map, frames_per_id, seconds_per_frame)
+            for start, end in windows(self._vits.frames(decoder_inputs), self._first_window):
+                audio = self._vits.decode(decoder_inputs, start, end)
+                heard = timings_within(timings, start * seconds_per_frame, end * seconds_per_frame)
+                yield np.clip(audio * self._gain, -1.0, 1.0).astype("<f4"), heard
+
+    def _feeds(self, phoneme_ids: list[int]) -> dict[str, np.ndarray]:
+        feeds = {
+            "input": np.array([phoneme_ids], dtype=np.int64),
+            "input_lengths": np.array([len(phoneme_ids)], dtype=np.int64),
+            "scales": np.array(
+                [self.config.noise_scale, self._length_scale, self.config.noise_w_scale], dtype=np.float32
+            ),
+        }
+        if self.config.num_speakers > 1:
+            feeds["sid"] = np.array([self.config.default_speaker_id], dtype=np.int64)
+        return feeds
 
 
 def write_message(out: BinaryIO, message: dict[str, Any], payload: bytes = b"") -> None:
@@ -149,29 +185,27 @@ def write_message(out: BinaryIO, message: dict[str, Any], payload: bytes = b"") 
     out.flush()
 
 
-def serve(
-    request: dict[str, Any],
-    voices: dict[str, PiperVoice],
-    syn_config: SynthesisConfig,
-    aborts: _Aborts,
-    out: BinaryIO,
-) -> None:
+def speech(speaker: Speaker, text: str) -> Iterator[tuple[str, bool, np.ndarray, list[Timing] | None]]:
+    """(sentence, whether this piece starts it, audio, phoneme timings) for each piece of ``text``."""
+    for sentence in split_sentences(text):
+        for index, (audio, timings) in enumerate(speaker.pieces(sentence)):
+            yield sentence, index == 0, audio, timings
+
+
+def serve(request: dict[str, Any], speakers: dict[str, Speaker], aborts: _Aborts, out: BinaryIO) -> None:
     request_id = request["id"]
     aborts.forget_before(request_id)
     try:
-        voice = voices[request["voice"]]
-        for sentence in split_sentences(request["text"]):
+        speaker = speakers[request["voice"]]
+        for sentence, starts_sentence, audio, timings in speech(speaker, request["text"]):
             if aborts.contains(request_id):
                 break
-            result = synthesize_sentence(voice, sentence, syn_config)
-            if result is None:
-                continue
-            audio, timings = result
             header = {
                 "event": "chunk",
                 "id": request_id,
                 "text": sentence,
-                "sample_rate": voice.config.sample_rate,
+                "starts_sentence": starts_sentence,
+                "sample_rate": speaker.config.sample_rate,
                 "samples": len(audio),
                 "phonemes": timings,
             }
@@ -205,15 +239,18 @@ def claim_stdout() -> BinaryIO:
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     out = claim_stdout()
-    voices = {name: load_voice(path, config["onnx_threads"]) for name, path in config["voices"].items()}
-    syn_config = SynthesisConfig(length_scale=config["length_scale"])
-    write_message(out, {"event": "ready", "voices": {name: describe_voice(v) for name, v in voices.items()}})
+    first_window = FIRST_WINDOW_FRAMES if config["stream_sentences"] else None
+    speakers = {
+        name: Speaker(path, config["onnx_threads"], config["length_scale"], first_window)
+        for name, path in config["voices"].items()
+    }
+    write_message(out, {"event": "ready", "voices": {name: s.describe() for name, s in speakers.items()}})
 
     requests: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
     aborts = _Aborts()
     threading.Thread(target=read_requests, args=(sys.stdin.buffer, requests, aborts), daemon=True).start()
     while (request := requests.get()) is not None:
-        serve(request, voices, syn_config, aborts, out)
+        serve(request, speakers, aborts, out)
     return 0
 
 

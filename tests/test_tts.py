@@ -42,10 +42,21 @@ def rms(audio: np.ndarray) -> float:
 
 
 def texts(chunks: list[SpeechChunk]) -> list[str]:
-    return [chunk.text for chunk in chunks]
+    return [chunk.text for chunk in chunks if chunk.starts_sentence]
 
 
-def test_two_sentences_stream_as_two_chunks_of_real_speech(engine: PiperTTS) -> None:
+def sentences(chunks: list[SpeechChunk]) -> list[tuple[str, np.ndarray]]:
+    """Each sentence's text and its audio, its pieces joined."""
+    joined: list[tuple[str, list[np.ndarray]]] = []
+    for chunk in chunks:
+        if chunk.starts_sentence:
+            joined.append((chunk.text, []))
+        assert chunk.text == joined[-1][0]
+        joined[-1][1].append(chunk.audio)
+    return [(text, np.concatenate(pieces)) for text, pieces in joined]
+
+
+def test_two_sentences_stream_as_real_speech_the_first_words_before_the_sentence_is_done(engine: PiperTTS) -> None:
     started = time.perf_counter()
     chunks: list[SpeechChunk] = []
     first_chunk_seconds = 0.0
@@ -57,12 +68,16 @@ def test_two_sentences_stream_as_two_chunks_of_real_speech(engine: PiperTTS) -> 
 
     assert texts(chunks) == TWO_SENTENCES
     for chunk in chunks:
-        duration = len(chunk.audio) / chunk.sample_rate
         assert chunk.sample_rate == 22050
         assert chunk.audio.dtype == np.float32 and chunk.audio.ndim == 1
-        assert 0.03 * len(chunk.text) < duration < 0.15 * len(chunk.text)
         assert float(np.abs(chunk.audio).max()) <= 1.0
-        assert rms(chunk.audio) > 0.05
+    # Each sentence comes in pieces, the first ~0.28 s long: speech can start before a sentence is decoded.
+    assert len(chunks) > len(TWO_SENTENCES)
+    assert len(chunks[0].audio) / chunks[0].sample_rate == pytest.approx(24 * 256 / 22050)
+    for text, audio in sentences(chunks):
+        duration = len(audio) / 22050
+        assert 0.03 * len(text) < duration < 0.15 * len(text)
+        assert rms(audio) > 0.05
     audio_seconds = sum(len(chunk.audio) / chunk.sample_rate for chunk in chunks)
     print(
         f"\npiper joe: first chunk after {first_chunk_seconds:.3f} s, all {len(chunks)} after {total_seconds:.3f} s "
@@ -70,16 +85,34 @@ def test_two_sentences_stream_as_two_chunks_of_real_speech(engine: PiperTTS) -> 
     )
 
 
-def test_phoneme_timings_cover_the_audio_when_the_model_gives_durations(engine: PiperTTS) -> None:
-    timed = engine.describe()["voices"]["joe"]["phoneme_timings"]  # type: ignore[index]
-    [chunk] = list(engine.synthesize("Hello there.", "joe"))
-    if not timed:
-        assert chunk.phonemes is None
-        return
-    assert chunk.phonemes is not None
-    starts = [timing.start for timing in chunk.phonemes]
-    assert starts == sorted(starts)
-    assert chunk.phonemes[-1].end == pytest.approx(len(chunk.audio) / chunk.sample_rate, abs=0.05)
+def test_without_streaming_each_sentence_comes_whole() -> None:
+    tts = PiperTTS(PiperTTS.Settings(stream_sentences=False))
+    try:
+        chunks = list(tts.synthesize(" ".join(TWO_SENTENCES), "joe"))
+    finally:
+        tts.close()
+    assert [chunk.text for chunk in chunks] == TWO_SENTENCES
+    assert all(chunk.starts_sentence for chunk in chunks)
+    assert all(len(chunk.audio) / chunk.sample_rate > 1.0 for chunk in chunks)
+
+
+def test_every_sentence_is_about_as_loud_however_it_peaks(engine: PiperTTS) -> None:
+    """One gain per voice, not per sentence (a sentence's later pieces cannot change its first one's level)."""
+    levels = [rms(audio) for _, audio in sentences(list(engine.synthesize(" ".join(LONG_STORY), "joe")))]
+    assert max(levels) / min(levels) < 1.6
+
+
+def test_phoneme_timings_cover_each_piece_of_audio(engine: PiperTTS) -> None:
+    assert engine.describe()["voices"]["joe"]["phoneme_timings"] is True  # type: ignore[index]
+    chunks = list(engine.synthesize("Hello there, how are you doing today?", "joe"))
+    assert len(chunks) > 1
+    for chunk in chunks:
+        assert chunk.phonemes
+        starts = [timing.start for timing in chunk.phonemes]
+        assert starts == sorted(starts) and starts[0] == 0.0
+        assert chunk.phonemes[-1].end == pytest.approx(len(chunk.audio) / chunk.sample_rate, abs=0.02)
+    assert chunks[0].phonemes[0].phoneme == "^"  # type: ignore[index]
+    assert chunks[-1].phonemes[-1].phoneme == "$"  # type: ignore[index]
 
 
 def test_sentences_end_at_their_punctuation_not_at_abbreviations(engine: PiperTTS) -> None:
