@@ -371,7 +371,6 @@ class Conversation:
             speech = iterate_in_thread(lambda cancelled, text=text: self.engines.tts.synthesize(text, self.voice))
             async for chunk in speech:
                 turn.mark("first_tts_audio")
-                turn.llm_may_run.set()
                 audio = resample(chunk.audio, chunk.sample_rate, self.timeline.sample_rate)
                 phonemes = chunk.phonemes
                 if trim_pending:
@@ -381,7 +380,9 @@ class Conversation:
                     piece_phonemes = phonemes if offset == 0 else None
                     frames = await self._lipsync(self._push_speech, audio[offset:end], piece_phonemes)
                     first = self._enqueue(turn, frames, first)
-            turn.llm_may_run.set()  # also when a chunk gave no audio
+            # Only once the whole chunk is synthesised: its first audio is out sooner, but the LLM
+            # resuming then would take the cores from the rest of it.
+            turn.llm_may_run.set()
         frames = await self._lipsync(self._finish_segment)
         if frames or not first:
             self._enqueue(turn, frames, first, last=True)
