@@ -117,6 +117,7 @@ class TurnSettings(Strict):
     first_chunk_priority: bool = True
     prefill_question: bool = True
     trim_leading_silence: bool = True
+    speak_ahead_s: float = Field(2.0, ge=0)  # 0: no limit
     max_history_messages: int = Field(200, ge=2)
     echo_guard: bool = True
     echo_correlation: float = Field(0.4, gt=0, le=1)

@@ -368,6 +368,7 @@ class Conversation:
         # Only the reply's first sound is brought forward: later sentences keep their pauses.
         trim_pending = self.settings.trim_leading_silence
         while (text := await chunks.get()) is not None:
+            await self._until_ahead_below(turn, self.settings.speak_ahead_s)
             speech = iterate_in_thread(lambda cancelled, text=text: self.engines.tts.synthesize(text, self.voice))
             async for chunk in speech:
                 turn.mark("first_tts_audio")
@@ -388,6 +389,15 @@ class Conversation:
             self._enqueue(turn, frames, first, last=True)
         else:
             self._emit_for(turn, {"type": "state", "state": "listening"})
+
+    async def _until_ahead_below(self, turn: Turn, seconds: float) -> None:
+        """Synthesise no further ahead of playback than needed: a reply interrupted early then leaves less
+        of itself to cancel, and its TTS and lip-sync do not take the cores from whoever interrupts it."""
+        if not seconds:
+            return
+        limit = seconds * self.timeline.fps
+        while self.timeline.queued_frames + len(turn.held_frames) > limit:
+            await asyncio.sleep(1 / self.timeline.fps)
 
     def _from_onset(
         self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None

@@ -278,3 +278,52 @@ async def test_a_reply_starts_at_its_first_sound(runtime):
     assert np.abs(trimmed_start).max() > 0.05  # the reply's voice, not silence
     assert silence_before_onset(trimmed_start, output_rate) == 0  # at most the 10 ms kept before the sound
     assert silence_before_onset(untrimmed_start, output_rate) > 0.015 * output_rate
+
+
+SHORT_SENTENCES = (
+    "The knight rode out at dawn. He crossed a river. He rode through a forest. "
+    "He climbed a hill. He found the cave. The dragon was asleep."
+)
+
+
+def played_through(events: list[dict]) -> bool:
+    states = [e["state"] for e in events if e.get("type") == "state"]
+    return "speaking" in states and states[-1] == "listening"
+
+
+async def most_frames_queued_while_saying(runtime, text: str, **turn: object) -> int:
+    """The most frames queued ahead of playback at once while a fresh conversation says ``text``."""
+    settings = runtime.settings.model_copy(update={"turn": runtime.settings.turn.model_copy(update=turn)})
+    setup = ConversationSetup(
+        settings=settings,
+        engines=runtime.engines,
+        metrics=ServerMetrics(),
+        avatar=runtime.avatars.get("default"),
+        persona=runtime.personas["assistant"],
+        voice=runtime.engines.tts.default_voice,
+    )
+    events: list[dict] = []
+    media = ConversationMedia.open("ahead", setup, events.append)
+    player = asyncio.create_task(media.timeline.run())
+    most = 0
+    try:
+        media.conversation.say(text)
+        async with asyncio.timeout(120):
+            while not played_through(events):
+                most = max(most, media.timeline.queued_frames)
+                await asyncio.sleep(0.02)
+    finally:
+        player.cancel()
+        media.close(ServerMetrics())
+    assert not any(e.get("type") == "interrupted" for e in events)
+    return most
+
+
+async def test_speech_is_synthesised_only_so_far_ahead_of_playback(runtime):
+    fps = runtime.settings.media.fps
+    unlimited = await most_frames_queued_while_saying(runtime, SHORT_SENTENCES, speak_ahead_s=0)
+    limited = await most_frames_queued_while_saying(runtime, SHORT_SENTENCES, speak_ahead_s=1.0)
+    longest_sentence_frames = 2.5 * fps  # "The knight rode out at dawn." with its pauses
+    print(f"\nmost frames queued ahead: {unlimited} without a limit, {limited} with 1 s")
+    assert unlimited > 1.0 * fps + longest_sentence_frames  # the whole story races ahead
+    assert limited <= 1.0 * fps + longest_sentence_frames
