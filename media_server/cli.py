@@ -81,7 +81,7 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
-BENCHMARKS = {"turn": "bench", "lipsync": "bench_lipsync", "llm": "bench_llm", "video": "bench_video"}
+BENCHMARKS = {"turn": "bench", "lipsync": "bench_lipsync", "llm": "bench_llm", "video": "bench_video", "tts": "bench_tts"}
 
 # Sub-commands that configure their own arguments: name, module, help.
 TOOL_COMMANDS = (
