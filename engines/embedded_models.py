@@ -71,6 +71,11 @@ def whisper_base_files() -> dict[str, bytes]:
     return files
 
 
+def whisper_tokenizer_path() -> Path:
+    """The packaged Whisper base model's tokenizer.json (GPT-2's byte-level BPE vocabulary)."""
+    return package_dir(WHISPER_BASE_PACKAGES[0]) / "data" / "tokenizer.json"
+
+
 def silero_vad_path() -> Path:
     """The silero VAD ONNX model that faster-whisper ships among its package assets."""
     path = package_dir("faster_whisper") / "assets" / SILERO_VAD_FILE

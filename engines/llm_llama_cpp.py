@@ -8,6 +8,7 @@ conversation as ``User: ...`` / ``<Name>: ...`` lines, and finally ``<Name>:``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -24,8 +25,8 @@ from llama_cpp import Llama
 from pydantic import Field, model_validator
 
 from engines.base import ChatMessage, EngineSettings, LLMEngine, Persona
-from engines.embedded_models import sha256_of
-from engines.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model
+from engines.embedded_models import ModelNotInstalledError, sha256_of, whisper_tokenizer_path
+from engines.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model, words_of_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ GUESS_MAX_NEW_TOKENS = 64
 # Moving cached history costs one pass over the whole KV cache (re-rotating its keys to their new
 # positions): worth it from a few dozen tokens, which cost ~7 ms each to evaluate again here.
 MIN_MOVED_TOKENS = 32
+TOKEN_COUNT_CACHE_LINES = 4096  # history lines of every session (max_history_messages is 200 per session)
 
 
 class LlamaCppLLM(LLMEngine):
@@ -65,8 +67,10 @@ class LlamaCppLLM(LLMEngine):
         repeat_penalty: float = Field(default=1.1, ge=1.0)
         max_history_tokens: int = Field(default=768, ge=16)
         # "english": a copy of the model without the tokens English text never uses (engines/gguf_vocabulary.py):
-        # each token is cheaper to write and English replies are unchanged. "full" for other languages.
-        vocabulary: Literal["english", "full"] = "english"
+        # each token is cheaper to write and English replies are unchanged. "common-english": only the
+        # pieces of common English words, cheaper again; rare words are spelt in smaller pieces.
+        # "full" for other languages.
+        vocabulary: Literal["common-english", "english", "full"] = "common-english"
         # Dropping old exchanges moves the kept history in the KV cache; false: it is read again (exactly
         # as a fresh prompt would be: the moved entries were computed beside the dropped exchanges).
         # Completion prompts only: chat templates are not prepared or moved.
@@ -102,6 +106,9 @@ class LlamaCppLLM(LLMEngine):
             )
         # A Llama object holds one KV cache and is not thread-safe: sessions take turns.
         self._lock = threading.Lock()
+        # Every prompt counts each line of its history (a few hundred µs a call), so a long conversation
+        # would make every turn slower: a line is counted once.
+        self._token_counts = functools.lru_cache(maxsize=TOKEN_COUNT_CACHE_LINES)(self._count_uncached)
         self._closed = False
 
     @staticmethod
@@ -120,8 +127,14 @@ class LlamaCppLLM(LLMEngine):
         """(the GGUF to load, which vocabulary it has)."""
         if settings.vocabulary == "full":
             return model_path, "full"
+        words, name = None, "english"
+        if settings.vocabulary == "common-english":
+            try:
+                words, name = words_of_bpe_tokenizer(whisper_tokenizer_path()), "common-english"
+            except ModelNotInstalledError as error:
+                log.warning("%s: no common-English word list (%s), keeping every English token", model_path, error)
         try:
-            return english_vocabulary_model(model_path, cache_directory(settings)), "english"
+            return english_vocabulary_model(model_path, cache_directory(settings), words), name
         except (UnsupportedModelError, OSError) as error:  # OSError: no room or no right to write the copy
             log.warning("%s: using the full vocabulary (%s)", model_path.name, error)
             return model_path, f"full ({error})"
@@ -130,6 +143,9 @@ class LlamaCppLLM(LLMEngine):
 
     # Tokenizing only reads the vocabulary, so it runs outside the generation lock.
     def count_tokens(self, text: str) -> int:
+        return self._token_counts(text)
+
+    def _count_uncached(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False))
 
     def build_prompt(self, persona: Persona, history: Sequence[ChatMessage]) -> str:

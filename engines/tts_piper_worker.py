@@ -4,7 +4,7 @@ piper-tts is GPL-3.0 and Facecast is Apache-2.0, so piper never runs in the serv
 process: ``engines.tts_piper`` starts this module as
 ``python -m engines.tts_piper_worker CONFIG_JSON`` and talks to it over pipes.
 CONFIG_JSON is ``{"voices": {name: onnx_path}, "length_scale": float, "onnx_threads": int,
-"stream_sentences": bool}`` (false: each sentence decoded whole, in one chunk).
+"stream_sentences": bool}`` (false: each of espeak's clauses decoded whole, in one chunk).
 
 Protocol. Requests arrive on stdin, one JSON object a line:
 

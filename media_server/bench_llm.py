@@ -1,9 +1,10 @@
-"""``facecast bench llm``: two comparisons of the configured LLM, each between two copies loaded side
-by side and asked in turn, so that a change in machine load hits both alike.
+"""``facecast bench llm``: two comparisons of the configured LLM, each between copies loaded side
+by side and asked in turn, so that a change in machine load hits them alike.
 
-- Vocabulary: the English-output vocabulary against the full one, on the corpus questions. Per copy:
-  the median time to the first delta (the question evaluated after the persona's prepared preamble, as
-  in a session) and per later delta, the copy's vocabulary size, and whether the two wrote the same replies.
+- Vocabulary: the common-English and English-output vocabularies against the full one (three copies),
+  on the corpus questions. Per copy: the median time to the first delta (the question evaluated after
+  the persona's prepared preamble, as in a session) and per later delta, its ratio to the full copy's,
+  the copy's vocabulary size, and how many of its replies are the full copy's.
 - History: one long conversation of typed questions, each asked as soon as the last reply ended (no
   quiet moment to prepare the next prompt in), with the kept history moved in the KV cache when old
   exchanges are dropped, against read again. Per copy: the time to the first delta over the first and
@@ -24,7 +25,7 @@ from media_server.config import Settings
 from media_server.runtime import personas_from
 from media_server.speech_corpus import QUESTIONS
 
-VOCABULARIES = ("english", "full")
+VOCABULARIES = ("common-english", "english", "full")
 ROUNDS = 2
 HISTORY_MODES = {"moved": True, "read_again": False}  # llm option move_kept_history
 CONVERSATION_TURNS = 50
@@ -73,8 +74,10 @@ def _vocabularies(settings: Settings) -> dict[str, object]:
         "questions": len(QUESTIONS) * ROUNDS,
         "first_delta_ms_p50": {name: round(statistics.median(first[name]), 1) for name in VOCABULARIES},
         "later_delta_ms_p50": {name: round(per_delta[name], 1) for name in VOCABULARIES},
-        "english_over_full_per_delta": round(per_delta["english"] / per_delta["full"], 2),
-        "same_replies": sum(a == b for a, b in zip(replies["english"], replies["full"])),
+        "per_delta_over_full": {name: round(per_delta[name] / per_delta["full"], 2) for name in VOCABULARIES},
+        "same_replies_as_full": {
+            name: sum(a == b for a, b in zip(replies[name], replies["full"])) for name in VOCABULARIES
+        },
         "vocabulary": {name: descriptions[name]["vocabulary"] for name in VOCABULARIES},
     }
 

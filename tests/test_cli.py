@@ -19,7 +19,7 @@ def test_doctor_reports_engines_models_hashes_device_and_codecs():
     report = json.loads(result.stdout)
     assert report["engines"]["asr"]["sha256"] == WHISPER_BASE_SHA256
     assert report["engines"]["llm"]["sha256"] and report["engines"]["tts"]["voices"]["joe"]["sha256"]
-    assert report["engines"]["llm"]["vocabulary"].startswith("english:")
+    assert report["engines"]["llm"]["vocabulary"].startswith("common-english:")
     assert "enhancer" not in report["engines"]  # none configured
     assert report["device"]["picked"] == "cpu" and "no CUDA" in report["device"]["why"]
     assert "video/VP8" in report["codecs"]["video"] and "audio/opus" in report["codecs"]["audio"]

