@@ -1,4 +1,5 @@
-"""Sample-rate conversion with libswresample (through PyAV), and where speech starts in a clip."""
+"""Sample-rate conversion with libswresample (through PyAV), when received audio was captured, and where
+speech starts in a clip."""
 
 from __future__ import annotations
 
@@ -18,6 +19,39 @@ def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarra
     parts = [out.to_ndarray()[0] for out in resampler.resample(frame)]
     parts += [out.to_ndarray()[0] for out in resampler.resample(None)]
     return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
+
+
+RTP_TIMESTAMP_WRAP = 1 << 32
+# How fast the estimated offset may rise, in seconds a second: a sender's audio clock running up to
+# 100 ppm slower than ours is followed, and a backlog of late audio barely moves it.
+CLOCK_DRIFT = 1e-4
+
+
+class CaptureClock:
+    """When a received stream's frames were captured, on this machine's clock, from their timestamps.
+
+    Audio can reach us late (the network, a jitter buffer, a busy event loop) but never early, so the
+    smallest (arrival - media time) seen is the stream's offset: the capture time of a frame is its
+    media time plus that offset, however late the frame itself is handled.
+    """
+
+    def __init__(self) -> None:
+        self._origin: int | None = None
+        self._offset: float | None = None
+        self._offset_at = 0.0
+
+    def captured_at(self, frame: av.AudioFrame, arrival: float) -> float:
+        """When the frame's first sample was captured (``arrival`` for a frame without a timestamp)."""
+        if frame.pts is None or frame.time_base is None:
+            return arrival
+        if self._origin is None:
+            self._origin = frame.pts
+        media_s = float(((frame.pts - self._origin) % RTP_TIMESTAMP_WRAP) * frame.time_base)
+        offset = arrival - media_s
+        if self._offset is not None:
+            offset = min(offset, self._offset + CLOCK_DRIFT * (arrival - self._offset_at))
+        self._offset, self._offset_at = offset, arrival
+        return media_s + offset
 
 
 class MicrophoneResampler:

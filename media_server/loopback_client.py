@@ -23,6 +23,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from media_server.audio import resample
+from media_server.av_output import OpusEncoder
 from media_server.webrtc_tuning import set_audio_jitter_buffer
 
 MIC_RATE = 48000
@@ -48,7 +49,9 @@ class MicrophoneTrack(MediaStreamTrack):
         self.clip_ended: list[float] = []  # time.monotonic() when the last sample of each clip was sent
         self.voice_started: list[float] = []  # time.monotonic() when each clip's first voiced packet was sent
         self._voice_pending = False
-        self._echo = np.zeros(0, np.float32)  # sound from "the speakers" that leaks into this microphone
+        # Sound from "the speakers" that leaks into this microphone: _echo[0] is heard at sample _echo_from.
+        self._echo = np.zeros(0, np.float32)
+        self._echo_from = 0
 
     def say(self, audio: np.ndarray, rate: int) -> float:
         """Queue a clip; returns its duration in seconds."""
@@ -60,9 +63,31 @@ class MicrophoneTrack(MediaStreamTrack):
         self._voice_pending = True
         return len(samples) / MIC_RATE
 
-    def leak(self, samples: np.ndarray) -> None:
-        """Add played-back sound to what this microphone picks up (an echo path)."""
+    def leak(self, samples: np.ndarray, delay_s: float) -> None:
+        """Sound played now reaches this microphone ``delay_s`` later (an echo path). Like a speaker, the
+        echo plays on from where it was: sound arriving in a burst queues, a late one follows silence."""
+        if self._start is None:
+            return  # the microphone is not capturing yet
+        heard_at = round((time.monotonic() + delay_s - self._start) * MIC_RATE)
+        echo_end = self._echo_from + len(self._echo)
+        if heard_at > echo_end:
+            if not len(self._echo):
+                self._echo_from = echo_end = heard_at
+            else:
+                self._echo = np.concatenate([self._echo, np.zeros(heard_at - echo_end, np.float32)])
         self._echo = np.concatenate([self._echo, samples.astype(np.float32)])
+
+    def _echo_in(self, first: int, count: int) -> np.ndarray:
+        """The echo heard in samples [first, first + count) of the capture; what is older is dropped."""
+        heard = np.zeros(count, np.float32)
+        skip = max(0, first - self._echo_from)
+        self._echo, self._echo_from = self._echo[skip:], self._echo_from + skip
+        start = self._echo_from - first
+        if start < count:
+            taken = self._echo[: count - start]
+            heard[start : start + len(taken)] = taken
+            self._echo, self._echo_from = self._echo[len(taken) :], self._echo_from + len(taken)
+        return heard
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
@@ -81,15 +106,38 @@ class MicrophoneTrack(MediaStreamTrack):
                 self.clip_ended.append(time.monotonic())
         else:
             packet = np.zeros(PACKET, np.float32)
-        if len(self._echo) >= PACKET:
-            packet = packet + self._echo[:PACKET]
-            self._echo = self._echo[PACKET:]
+        packet = packet + self._echo_in(self._samples_sent, PACKET)
         frame = av.AudioFrame.from_ndarray((packet * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
         frame.sample_rate = MIC_RATE
         frame.pts = self._samples_sent
         frame.time_base = fractions.Fraction(1, MIC_RATE)
         self._samples_sent += PACKET
         return frame
+
+
+class OpusPackets(MediaStreamTrack):
+    """A microphone's frames, Opus-encoded here so the WebRTC sender only packs them. Left to aiortc,
+    every 20 ms frame waits for a worker thread to encode it; on a starved event loop (this peer shares
+    the server's, a browser does not) that falls behind real time and never catches up, and the
+    microphone's sound, echo included, reaches the server later and later."""
+
+    kind = "audio"
+
+    def __init__(self, microphone: MicrophoneTrack) -> None:
+        super().__init__()
+        self.microphone = microphone
+        self._encoder = OpusEncoder(MIC_RATE)
+        self._ready: deque[av.Packet] = deque()
+
+    async def recv(self) -> av.Packet:
+        while not self._ready:
+            frame = await self.microphone.recv()
+            self._ready.extend(self._encoder.encode(frame.to_ndarray()[0], frame.pts))
+        return self._ready.popleft()
+
+    def stop(self) -> None:
+        self.microphone.stop()
+        super().stop()
 
 
 @dataclass
@@ -146,10 +194,9 @@ class LoopbackClient:
         self.audio_jitter_buffer_packets = audio_jitter_buffer_packets  # None: aiortc's own (4)
         self.keep_video = keep_video
         self.echo_gain = echo_gain
+        self.echo_delay_s = echo_delay_s
         self.pc = RTCPeerConnection()
         self.microphone = MicrophoneTrack()
-        if echo_gain:
-            self.microphone.leak(np.zeros(int(echo_delay_s * MIC_RATE), np.float32))
         self.recording = Recording()
         self.events: list[tuple[float, dict]] = []
         self.session_id: str | None = None
@@ -161,7 +208,7 @@ class LoopbackClient:
 
     def _prepare_offer(self) -> None:
         if self.sends_microphone:
-            self.pc.addTrack(self.microphone)
+            self.pc.addTrack(OpusPackets(self.microphone))
         else:
             self.pc.addTransceiver("audio", direction="recvonly")
         self.pc.addTransceiver("video", direction="recvonly")
@@ -221,7 +268,7 @@ class LoopbackClient:
                     mono = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)
                     self.recording.audio.append((now, mono))
                     if self.echo_gain:
-                        self.microphone.leak(mono * self.echo_gain)
+                        self.microphone.leak(mono * self.echo_gain, self.echo_delay_s)
                 elif self.keep_video:
                     image = frame.to_ndarray(format="bgr24")
                     self.recording.last_full_frame = image
@@ -231,7 +278,7 @@ class LoopbackClient:
     def send(self, event: dict) -> None:
         self._channel.send(json.dumps(event))
 
-    async def wait_for(self, predicate, timeout: float = 30.0, after: float = 0.0) -> dict:  # noqa: ANN001
+    async def wait_for(self, predicate, timeout: float = 30.0, after: float = 0.0) -> dict:
         """The first event received after ``after`` (monotonic) that satisfies ``predicate``."""
         deadline = time.monotonic() + timeout
         while True:

@@ -20,7 +20,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engines.avatar import Avatar
 from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, PhonemeTiming
-from media_server.audio import MicrophoneResampler, resample, silence_before_onset
+from media_server.audio import CaptureClock, MicrophoneResampler, resample, silence_before_onset
 from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
 from media_server.chunker import SpeechChunker
 from media_server.config import Settings, TurnSettings
@@ -132,13 +132,15 @@ class Conversation:
         timeline.on_playback = self._on_playback
         self._echo = EchoGuard(engines.vad.sample_rate, threshold=turn_settings.echo_correlation)
         if turn_settings.echo_guard:
-            timeline.audio.on_taken = lambda packet: self._echo.played(packet.opaque / 32768.0)
+            timeline.audio.on_taken = lambda packet: self._echo.played(packet.opaque / 32768.0, time.monotonic())
         self.echo_windows = 0
 
     # --- microphone ----------------------------------------------------------
 
     async def consume_microphone(self, track: MediaStreamTrack) -> None:
-        converter = MicrophoneResampler(self.engines.vad.sample_rate)
+        rate = self.engines.vad.sample_rate
+        converter = MicrophoneResampler(rate)
+        capture_clock = CaptureClock()
         window = self.engines.vad.window_samples
         pending = np.zeros(0, np.float32)
         while True:
@@ -147,15 +149,18 @@ class Conversation:
             except MediaStreamError:
                 return
             self.last_client_activity = time.monotonic()
+            captured_until = (
+                capture_clock.captured_at(frame, self.last_client_activity) + frame.samples / frame.sample_rate
+            )
             pending = np.concatenate([pending, converter.convert(frame)])
             while len(pending) >= window:
-                self._on_window(pending[:window])
+                self._on_window(pending[:window], captured_until - (len(pending) - window) / rate)
                 pending = pending[window:]
 
-    def _on_window(self, window: np.ndarray) -> None:
+    def _on_window(self, window: np.ndarray, captured_until: float) -> None:
         probability = self._vad.speech_probability(window)
         if self.settings.echo_guard:
-            self._echo.heard(window)
+            self._echo.heard(window, captured_until)
             if probability >= self.settings.vad_threshold and self._echo.is_echo():
                 probability = 0.0  # the avatar hearing itself through the client's speakers
                 self.echo_windows += 1

@@ -36,17 +36,18 @@ def through_opus(audio_48k: np.ndarray, bit_rate: int = 32000) -> np.ndarray:
     return np.concatenate(decoded)
 
 
-def flagged_share(microphone: np.ndarray, avatar: np.ndarray, rate: int) -> float:
-    """Share of the microphone's voiced windows flagged as echo while the avatar plays ``avatar``."""
+def flagged_share(microphone: np.ndarray, avatar: np.ndarray, rate: int, processed_late_s: float = 0.0) -> float:
+    """Share of the microphone's voiced windows flagged as echo while the avatar plays ``avatar``; each
+    window is processed ``processed_late_s`` after it was captured (a busy server)."""
     guard = EchoGuard(RATE)
     played = resample(avatar, rate, 48000)
     flags, position = [], 0
     for tick in range(len(played) // TICK_48K):
-        guard.played(played[tick * TICK_48K : (tick + 1) * TICK_48K])
-        while position + WINDOW <= (tick + 1) * RATE // 25:
+        guard.played(played[tick * TICK_48K : (tick + 1) * TICK_48K], at=tick * TICK_48K / 48000)
+        while position + WINDOW <= (tick + 1) * RATE // 25 - processed_late_s * RATE:
             window = microphone[position : position + WINDOW]
             position += WINDOW
-            guard.heard(window)
+            guard.heard(window, captured_until=position / RATE)
             if np.sqrt(np.mean(window**2)) > 0.02:
                 flags.append(guard.is_echo())
     assert len(flags) > 50
@@ -84,3 +85,29 @@ def test_echo_that_comes_back_more_than_a_second_late_is_still_echo() -> None:
     avatar_16k = resample(avatar, rate, RATE)
     echo = np.concatenate([np.zeros(int(1.3 * RATE), np.float32), 0.5 * avatar_16k])[: len(avatar_16k)]
     assert flagged_share(echo, avatar, rate) > 0.9
+
+
+def test_echo_processed_seconds_after_it_was_captured_is_still_echo() -> None:
+    # The server is busy: the microphone's audio is handled 2.5 s late. The echo path itself is 0.25 s.
+    avatar, rate = espeak(AVATAR_LINE, "en-us", 160)
+    avatar_16k = resample(avatar, rate, RATE)
+    echo = np.concatenate([np.zeros(int(0.25 * RATE), np.float32), 0.5 * avatar_16k])[: len(avatar_16k)]
+    assert flagged_share(echo, avatar, rate, processed_late_s=2.5) > 0.9
+
+
+def test_output_sent_after_a_pause_is_placed_at_its_time() -> None:
+    # The avatar says one line, pauses 1 s (silence that is not recorded), and says another: the echo of
+    # the second line is found, and is not matched against output sent after it was captured.
+    first, first_rate = espeak(AVATAR_LINE, "en-us", 160)
+    second, second_rate = espeak(USER_LINE, "en-gb", 170)
+    guard = EchoGuard(RATE)
+    sent_at = 0.0
+    for line in (resample(first, first_rate, 48000)[: 2 * 48000], resample(second, second_rate, 48000)[: 2 * 48000]):
+        for start in range(0, len(line) - TICK_48K + 1, TICK_48K):
+            guard.played(line[start : start + TICK_48K], at=sent_at + start / 48000)
+        resumed_at, sent_at = sent_at, sent_at + len(line) / 48000 + 1.0
+    echo = resample(0.5 * line[48000 : 48000 + 9600], 48000, RATE)  # sent at resumed_at + 1.0 s
+    guard.heard(echo, captured_until=resumed_at + 1.2 + 0.2)
+    assert guard.is_echo()
+    guard.heard(echo, captured_until=resumed_at + 0.5)  # captured before that sound was sent
+    assert not guard.is_echo()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fractions
 import itertools
 import re
 
+import av
 import numpy as np
 import pytest
 
-from media_server.audio import silence_before_onset
+from media_server.audio import CaptureClock, silence_before_onset
 from media_server.chunker import SpeechChunker
 from media_server.config import ConfigError, TurnSettings, load_settings
 from media_server.pipeline import lipsync_pieces
@@ -209,3 +211,32 @@ def test_silence_before_onset_keeps_ten_milliseconds_before_the_first_sound():
     assert silence_before_onset(tone, rate) == 0
     assert silence_before_onset(hiss, rate) == 0  # nothing to start from: left as it is
     assert silence_before_onset(np.zeros(0, np.float32), rate) == 0
+
+
+def audio_frame(pts: int | None, samples: int = 960, rate: int = 48000) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(np.zeros((1, samples), np.int16), format="s16", layout="mono")
+    frame.sample_rate = rate
+    frame.pts = pts
+    if pts is not None:
+        frame.time_base = fractions.Fraction(1, rate)
+    return frame
+
+
+def test_capture_clock_places_late_frames_at_their_capture_time_across_a_timestamp_wrap():
+    clock = CaptureClock()
+    origin = (1 << 32) - 48000  # the RTP timestamp wraps one second in
+    lateness = [0.01, 0.03, 0.4, 1.2, 2.5, 0.02]  # the network, a busy event loop catching up
+    for index, late in enumerate(lateness):
+        pts = (origin + index * 48000) % (1 << 32)
+        captured = clock.captured_at(audio_frame(pts), arrival=100.0 + index + late)
+        assert captured == pytest.approx(100.01 + index, abs=1e-3)
+
+
+def test_capture_clock_follows_a_slightly_slow_sender_clock_and_frames_without_timestamps():
+    clock = CaptureClock()
+    drift = 50e-6  # the sender's audio clock runs 50 ppm slow
+    for second in range(0, 3600, 60):
+        arrival = 100.0 + second * (1 + drift)
+        captured = clock.captured_at(audio_frame(second * 48000), arrival)
+    assert captured == pytest.approx(arrival, abs=0.01)
+    assert clock.captured_at(audio_frame(None), arrival=42.0) == 42.0
