@@ -120,7 +120,7 @@ class TurnSettings(Strict):
     speak_ahead_s: float = Field(2.0, ge=0)  # 0: no limit
     max_history_messages: int = Field(200, ge=2)
     echo_guard: bool = True
-    echo_correlation: float = Field(0.4, gt=0, le=1)
+    echo_correlation: float = Field(0.45, gt=0, le=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> TurnSettings:

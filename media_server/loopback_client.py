@@ -30,6 +30,7 @@ MIC_RATE = 48000
 PACKET = 960  # 20 ms at 48 kHz
 THUMBNAIL = 256
 LOUD_RMS = 0.02  # speech, not Opus's comfort noise
+MAX_SPEAKER_BACKLOG_S = 0.3
 
 
 def _is_loud(samples: np.ndarray, threshold: float = LOUD_RMS) -> bool:
@@ -64,18 +65,20 @@ class MicrophoneTrack(MediaStreamTrack):
         return len(samples) / MIC_RATE
 
     def leak(self, samples: np.ndarray, delay_s: float) -> None:
-        """Sound played now reaches this microphone ``delay_s`` later (an echo path). Like a speaker, the
-        echo plays on from where it was: sound arriving in a burst queues, a late one follows silence."""
+        """Sound received now reaches this microphone ``delay_s`` later (an echo path), as from speakers fed
+        by a jitter buffer ``delay_s`` deep: the echo plays on from where it was while the buffer has sound,
+        sound coming after it ran dry follows silence, and a burst queues, up to ``MAX_SPEAKER_BACKLOG_S``
+        beyond the buffer's depth; past that the buffer drops its oldest sound, back to its depth."""
         if self._start is None:
             return  # the microphone is not capturing yet
-        heard_at = round((time.monotonic() + delay_s - self._start) * MIC_RATE)
-        echo_end = self._echo_from + len(self._echo)
-        if heard_at > echo_end:
-            if not len(self._echo):
-                self._echo_from = echo_end = heard_at
-            else:
-                self._echo = np.concatenate([self._echo, np.zeros(heard_at - echo_end, np.float32)])
+        now = round((time.monotonic() - self._start) * MIC_RATE)
+        depth = round(delay_s * MIC_RATE)
+        if self._echo_from + len(self._echo) <= now:  # ran dry (or never played): buffer again
+            self._echo, self._echo_from = np.zeros(0, np.float32), now + depth
         self._echo = np.concatenate([self._echo, samples.astype(np.float32)])
+        queued = self._echo_from + len(self._echo) - now
+        if queued > depth + round(MAX_SPEAKER_BACKLOG_S * MIC_RATE):
+            self._echo = self._echo[queued - depth :]  # back to its depth at once: one skip, not many
 
     def _echo_in(self, first: int, count: int) -> np.ndarray:
         """The echo heard in samples [first, first + count) of the capture; what is older is dropped."""

@@ -111,3 +111,38 @@ def test_output_sent_after_a_pause_is_placed_at_its_time() -> None:
     assert guard.is_echo()
     guard.heard(echo, captured_until=resumed_at + 0.5)  # captured before that sound was sent
     assert not guard.is_echo()
+
+
+def test_echo_of_output_sent_in_a_burst_after_a_stall_is_still_echo() -> None:
+    # The sender stalls 0.6 s, then sends its backlog at once and carries on in time. The speakers' jitter
+    # buffer drops the backlog, too late to play, and plays every later packet 0.15 s after it was sent:
+    # sooner than playing the burst out in full would have put it.
+    avatar, rate = espeak(AVATAR_LINE, "en-us", 160)
+    played, avatar_16k = resample(avatar, rate, 48000), resample(avatar, rate, RATE)
+    stall_from, stall_packets, delay_s = 40, 30, 0.15
+    packets = len(played) // 960
+    sent_at = [
+        (stall_from + stall_packets) * 0.02 if stall_from <= k < stall_from + stall_packets else k * 0.02
+        for k in range(packets)
+    ]
+    echo = np.zeros(int((packets * 0.02 + 1) * RATE), np.float32)
+    for k in range(packets):
+        if not stall_from <= k < stall_from + stall_packets:
+            at = round((sent_at[k] + delay_s) * RATE)
+            echo[at : at + 320] = 0.5 * avatar_16k[k * 320 : (k + 1) * 320]
+    guard, next_packet, position, flags = EchoGuard(RATE), 0, 0, []
+    for step in range(1, int(len(echo) / RATE / 0.02)):
+        now = step * 0.02
+        while next_packet < packets and sent_at[next_packet] <= now:
+            guard.played(played[next_packet * 960 : (next_packet + 1) * 960], at=sent_at[next_packet])
+            next_packet += 1
+        while position + WINDOW <= now * RATE:
+            window = echo[position : position + WINDOW]
+            position += WINDOW
+            guard.heard(window, captured_until=position / RATE)
+            if (
+                position / RATE > (stall_from + stall_packets) * 0.02 + delay_s + 0.2
+                and np.sqrt(np.mean(window**2)) > 0.02
+            ):
+                flags.append(guard.is_echo())
+    assert len(flags) > 30 and np.mean(flags) > 0.9
