@@ -19,6 +19,7 @@ the avatar does not correlate with it, so real interruptions get through at once
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import deque
 from dataclasses import dataclass
 
@@ -81,6 +82,9 @@ class _SentPacket:
     sent_at: float
     start: int  # its samples in the history, counted from the first ever recorded
     end: int
+
+
+SEND_TIME = operator.attrgetter("sent_at")
 
 
 class EchoGuard:
@@ -146,11 +150,10 @@ class EchoGuard:
         """The output that can have been heard in the context: sent before its end was captured, and
         at most ``max_delay_s`` before its start. Bounded by send time, not by position in the history,
         because a receiver's jitter buffer plays a burst of packets at a pace of its own."""
-        sent_at = [packet.sent_at for packet in self._sent]
-        last = bisect.bisect_right(sent_at, self._heard_until) - 1
+        last = bisect.bisect_right(self._sent, self._heard_until, key=SEND_TIME) - 1
         if last < 0:
             return self._history[:0]
-        first = bisect.bisect_left(sent_at, self._heard_until - self.max_delay_s, hi=last)
+        first = bisect.bisect_left(self._sent, self._heard_until - self.max_delay_s, hi=last, key=SEND_TIME)
         oldest = self._recorded - len(self._history)
         # The context's first sample may echo output sent up to a context before that packet: the
         # history holds it (silence before the first packet of a reply included).
