@@ -7,15 +7,18 @@ APT_TEST_PACKAGES := espeak-ng chromium nginx libnginx-mod-rtmp
 
 .PHONY: run install install-dev system-test-deps test bench clean
 
+# Every install takes the versions CI tested (constraints.txt), so a fresh machine gets the same set.
+CONSTRAINTS := -c constraints.txt
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(CONSTRAINTS) --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -e .
+	$(BIN)/pip install $(CONSTRAINTS) -e .
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install $(CONSTRAINTS) -e '.[dev]'
 
 run: install
 	$(BIN)/facecast serve

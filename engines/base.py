@@ -27,6 +27,10 @@ class EngineConfigError(ValueError):
     """An engine name or option in the configuration is wrong; the message says which and why."""
 
 
+class EngineLoadError(RuntimeError):
+    """An engine failed while loading or warming up; the message names its stage and engine."""
+
+
 class EngineSettings(BaseModel):
     """Base of every engine's own settings model: unknown keys are an error."""
 

@@ -425,6 +425,8 @@ class LlamaCppLLM(LLMEngine):
             "vocabulary": f"{self._vocabulary}: {self._llama.n_vocab()} tokens, loaded from {self._loaded_path}",
             "chat_format": self._settings.chat_format,
             "device": "cpu",
+            # The kernels this build of llama.cpp compiled in (it compiles for the CPU it was installed on).
+            "llama_cpp": f"{llama_cpp.__version__}: {llama_cpp.llama_print_system_info().decode().strip(' |')}",
             "n_threads": self._settings.n_threads,
             "why": f"llama.cpp on the CPU with n_threads={self._settings.n_threads} "
             f"of {os.cpu_count()} cores (setting n_threads)",

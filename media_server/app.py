@@ -106,8 +106,15 @@ async def delete_session(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Answers once the server listens, which is after every engine has loaded and warmed up."""
+    engines = request.app[RUNTIME].engines.descriptions
     return web.json_response(
-        {"status": "ok", "sessions": len(request.app[SESSIONS]), "broadcasts": len(request.app[BROADCASTS])}
+        {
+            "status": "ok",
+            "engines": {stage: description["engine"] for stage, description in engines.items()},
+            "sessions": len(request.app[SESSIONS]),
+            "broadcasts": len(request.app[BROADCASTS]),
+        }
     )
 
 

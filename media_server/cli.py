@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import json
 import logging
@@ -11,8 +12,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from engines.base import EngineConfigError
+from engines.base import EngineConfigError, EngineLoadError
 from media_server.config import ConfigError, ServerSettings, Settings, load_settings
+from media_server.dependencies import CONSTRAINTS_FILE
+
+# Loggers whose INFO lines a user needs without -v: which stage is loading, so that a crash is never silent.
+STARTUP_LOGGERS = ("media_server.runtime",)
+
+
+class ServeError(RuntimeError):
+    """The server could not start for a reason the user can fix (the message says how)."""
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, str]:
@@ -63,13 +72,19 @@ def _serve(args: argparse.Namespace) -> None:
     runtime = Runtime.load(settings)
     scheme = "https" if context else "http"
     print(f"Facecast ready: open {scheme}://{server.host}:{server.port}/", flush=True)
-    web.run_app(create_app(runtime), host=server.host, port=server.port, ssl_context=context, print=None)
+    try:
+        web.run_app(create_app(runtime), host=server.host, port=server.port, ssl_context=context, print=None)
+    except OSError as error:  # the address is taken or not this machine's
+        raise ServeError(
+            f"cannot listen on {server.host}:{server.port}: {error.strerror or error}; "
+            "choose another with --host/--port or server.host/server.port"
+        ) from error
 
 
 def _doctor(args: argparse.Namespace) -> None:
     from media_server.doctor import report
 
-    print(json.dumps(report(_settings(args)), indent=2, default=str))
+    print(json.dumps(report(_settings(args), args.constraints), indent=2, default=str))
 
 
 def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
@@ -105,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--rtmp", metavar="URL", help="start the default broadcast session and push it to this RTMP URL")
     serve.set_defaults(run=_serve)
     doctor = commands.add_parser("doctor", help="report engines, models, devices and codecs")
+    doctor.add_argument(
+        "--constraints",
+        type=Path,
+        default=CONSTRAINTS_FILE,
+        help="the pip constraints file of the tested versions (default: the checkout's constraints.txt)",
+    )
     doctor.set_defaults(run=_doctor)
     bench = commands.add_parser("bench", help="benchmarks")
     bench.add_argument("what", choices=list(BENCHMARKS))
@@ -135,11 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # A crash inside a native library (llama.cpp, onnxruntime, torch, ...) prints the Python stack of
+    # every thread on stderr instead of dying with a bare "Segmentation fault".
+    faulthandler.enable()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    for name in STARTUP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         args.run(args)
     except (ConfigError, EngineConfigError) as error:
         print(f"facecast: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (EngineLoadError, ServeError) as error:
+        logging.getLogger(__name__).debug("details", exc_info=error)
+        print(f"facecast: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

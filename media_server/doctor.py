@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
+from pathlib import Path
 
 from aiortc import RTCRtpSender
 
 from engines.avatar import AvatarCatalogue, AvatarError
 from engines.device import pick_device
+from media_server import dependencies
 from media_server.config import Settings
 from media_server.runtime import build_engines
+
+log = logging.getLogger(__name__)
+# CPU features that decide which llama.cpp, onnxruntime and OpenVINO kernels run (Linux /proc/cpuinfo names).
+CPU_FEATURES = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
 
 
 def _codecs() -> dict[str, list[str]]:
@@ -32,12 +39,34 @@ def _avatars(settings: Settings) -> dict[str, object]:
     return found
 
 
-def report(settings: Settings) -> dict[str, object]:
+def _cpu() -> dict[str, object]:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return {"model": platform.processor() or None, "features": None}
+    fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n", 1)[0].splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name"), "features": [f for f in CPU_FEATURES if f in flags]}
+
+
+def report(settings: Settings, constraints: Path = dependencies.CONSTRAINTS_FILE) -> dict[str, object]:
+    """Versions first, warned about before any engine loads: an untested native library may crash the loading."""
+    native, warnings = dependencies.report(constraints)
+    for warning in warnings:
+        log.warning("%s", warning)
     device = pick_device("auto")
     engines = build_engines(settings, warm_up=False)
     try:
         return {
-            "platform": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+            "platform": {
+                "python": platform.python_version(),
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "cpu": _cpu(),
+            },
+            "dependencies": native,
+            "warnings": warnings,
             "device": {"picked": device.device, "why": device.reason},
             "engines": engines.descriptions,
             "codecs": _codecs(),

@@ -7,46 +7,54 @@ import time
 from dataclasses import dataclass
 
 from engines.avatar import AvatarCatalogue
-from engines.base import EngineSet, Persona
+from engines.base import Engine, EngineConfigError, EngineLoadError, EngineSet, Persona
 from engines.registry import create_engine
 from media_server.config import Settings
 
 log = logging.getLogger(__name__)
 
 
-def build_engines(settings: Settings, warm_up: bool = True) -> EngineSet:
-    def make(stage: str):  # noqa: ANN202 - the type is the stage's interface
-        section = getattr(settings, stage)
-        started = time.perf_counter()
-        engine = create_engine(stage, section.engine, section.options)
-        if warm_up:
-            engine.warm_up()
-        log.info("%s engine %r ready in %.2f s", stage, section.engine, time.perf_counter() - started)
-        return engine
+STAGES = ("vad", "asr", "llm", "tts", "lipsync", "enhancer")
 
-    engines = EngineSet(
-        vad=make("vad"),
-        asr=make("asr"),
-        llm=make("llm"),
-        tts=make("tts"),
-        lipsync=make("lipsync"),
-        enhancer=make("enhancer") if settings.enhancer is not None else None,
-    )
+
+def build_engines(settings: Settings, warm_up: bool = True) -> EngineSet:
+    """Load every configured stage in order, each announced before it starts.
+
+    The announcement is logged before any of the stage's native code runs, so a crash inside a native
+    library (which no Python handler can catch) still leaves the stage it happened in on record,
+    followed by the fault handler's traceback (``facecast`` enables it).
+    """
+    loaded: dict[str, Engine] = {}
+    for stage in STAGES:
+        section = getattr(settings, stage)
+        if section is None:
+            continue
+        log.info("loading %s engine %r", stage, section.engine)
+        started = time.perf_counter()
+        try:
+            engine = create_engine(stage, section.engine, section.options)
+            loaded[stage] = engine
+            if warm_up:
+                engine.warm_up()
+        except EngineConfigError:
+            _close_all(loaded)
+            raise
+        except Exception as error:
+            _close_all(loaded)
+            raise EngineLoadError(f"the {stage} engine {section.engine!r} failed to load: {error}") from error
+        log.info("%s engine %r ready in %.2f s", stage, section.engine, time.perf_counter() - started)
+    engines = EngineSet(**loaded)
     if engines.enhancer is not None:
         engines.lipsync.use_enhancer(engines.enhancer)
     engines.descriptions = {
-        stage: {"engine": getattr(settings, stage).engine, **engine.describe()}
-        for stage, engine in (
-            ("vad", engines.vad),
-            ("asr", engines.asr),
-            ("llm", engines.llm),
-            ("tts", engines.tts),
-            ("lipsync", engines.lipsync),
-            ("enhancer", engines.enhancer),
-        )
-        if engine is not None
+        stage: {"engine": getattr(settings, stage).engine, **engine.describe()} for stage, engine in loaded.items()
     }
     return engines
+
+
+def _close_all(engines: dict[str, Engine]) -> None:
+    for engine in reversed(engines.values()):
+        engine.close()
 
 
 def personas_from(settings: Settings) -> dict[str, Persona]:

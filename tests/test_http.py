@@ -108,7 +108,9 @@ async def test_health_and_prometheus_metrics(base_url, client_factory):
     await client.wait_for(lambda e: e.get("type") == "metrics", timeout=30)
     async with aiohttp.ClientSession() as http:
         async with http.get(base_url + "/healthz") as response:
-            assert response.status == 200 and (await response.json())["status"] == "ok"
+            health = await response.json()
+            assert response.status == 200 and health["status"] == "ok"
+            assert health["engines"] == {"vad": "silero", "asr": "faster-whisper", "llm": "llama-cpp", "tts": "piper", "lipsync": "warp"}
         async with http.get(base_url + "/metrics") as response:
             text = await response.text()
     assert 'facecast_stage_latency_seconds_bucket{le="1.0",stage="first_audio_sent"}' in text
