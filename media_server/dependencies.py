@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 CONSTRAINTS_FILE = Path(__file__).resolve().parents[1] / "constraints.txt"
 NATIVE_SUFFIXES = (".so", ".pyd", ".dylib")
 
@@ -59,13 +61,36 @@ def _is_native(distribution: importlib.metadata.Distribution) -> bool:
     )
 
 
+def required_packages(root: str = "facecast", root_extras: tuple[str, ...] = ("dev",)) -> set[str]:
+    """Canonical names of ``root`` and of every installed package it needs, directly or not."""
+    found: set[str] = set()
+    pending = [(root, ("", *root_extras))]
+    while pending:
+        name, extras = pending.pop()
+        if canonical_name(name) in found:
+            continue
+        found.add(canonical_name(name))
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for requirement in map(Requirement, requirements):
+            if requirement.marker is None or any(requirement.marker.evaluate({"extra": e}) for e in extras):
+                pending.append((requirement.name, ("", *requirement.extras)))
+    return found
+
+
 def native_dependencies(constraints: Path = CONSTRAINTS_FILE) -> list[Dependency]:
-    """Every installed package that ships compiled code, with the version CI tested (sorted by name)."""
+    """Every installed package with compiled code that Facecast needs or CI pinned, with its tested version.
+
+    Other packages in the same environment are none of Facecast's business and are left out.
+    """
     tested = pinned_versions(constraints)
+    relevant = required_packages() | set(tested)
     found: dict[str, Dependency] = {}
     for distribution in importlib.metadata.distributions():
         name = canonical_name(distribution.metadata["Name"])
-        if name not in found and _is_native(distribution):
+        if name in relevant and name not in found and _is_native(distribution):
             found[name] = Dependency(name, distribution.version, tested.get(name))
     return sorted(found.values(), key=lambda dependency: dependency.name)
 
