@@ -9,8 +9,12 @@ conversation as ``User: ...`` / ``<Name>: ...`` lines, and finally ``<Name>:``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -51,6 +55,8 @@ GUESS_MAX_NEW_TOKENS = 64
 # Moving cached history costs one pass over the whole KV cache (re-rotating its keys to their new
 # positions): worth it from a few dozen tokens, which cost ~7 ms each to evaluate again here.
 MIN_MOVED_TOKENS = 32
+WARM_UP_PROMPT = "User: Hello!\nAssistant:"
+TRIAL_TIMEOUT_S = 120.0
 TOKEN_COUNT_CACHE_LINES = 4096  # history lines of every session (max_history_messages is 200 per session)
 
 
@@ -91,14 +97,16 @@ class LlamaCppLLM(LLMEngine):
         self._settings = settings
         self._model_path = resolve_model_path(settings)
         self._loaded_path, self._vocabulary = self._reduced_vocabulary(settings, self._model_path)
-        try:
-            self._llama = self._open(settings, self._loaded_path)
-        except ValueError as error:  # llama.cpp refused the file
-            if self._loaded_path == self._model_path:
-                raise
-            log.warning("%s: llama.cpp refused its English copy, using the full vocabulary", self._model_path.name)
-            self._loaded_path, self._vocabulary = self._model_path, f"full (the English copy was refused: {error})"
-            self._llama = self._open(settings, self._model_path)
+        if self._loaded_path != self._model_path and (problem := trial_run_problem(self._loaded_path, settings)):
+            log.warning("%s: its English copy failed a trial run (%s), using the full vocabulary", self._model_path, problem)
+            self._loaded_path = self._model_path
+            self._vocabulary = f"full (the English copy failed a trial run: {problem})"
+        if self._loaded_path == self._model_path and (problem := trial_run_problem(self._model_path, settings)):
+            raise ValueError(
+                f"llama.cpp {llama_cpp.__version__} cannot run {self._model_path} on this machine: {problem} "
+                "(`facecast doctor` shows the llama.cpp build and the CPU's features)"
+            )
+        self._llama = self._open(settings, self._loaded_path)
         if settings.chat_format == "template" and "tokenizer.chat_template" not in self._llama.metadata:
             raise ValueError(
                 f"{self._model_path} has no chat template (tokenizer.chat_template): "
@@ -325,7 +333,7 @@ class LlamaCppLLM(LLMEngine):
 
     def warm_up(self) -> None:
         with self._lock:
-            self._llama.create_completion("User: Hello!\nAssistant:", max_tokens=4, seed=self._settings.seed)
+            self._llama.create_completion(WARM_UP_PROMPT, max_tokens=4, seed=self._settings.seed)
 
     def prepare(self, persona: Persona, history: Sequence[ChatMessage] = (), question_so_far: str = "") -> None:
         # llama.cpp keeps the KV cache of the longest prompt prefix it has already evaluated: with the
@@ -475,6 +483,61 @@ def clean(text: str) -> str:
 
 def dialogue_line(label: str, text: str) -> str:
     return f"{label}: {clean(text)}\n"
+
+
+def trial_run_problem(path: Path, settings: LlamaCppLLM.Settings) -> str | None:
+    """What went wrong when a child process loaded ``path`` and wrote a few tokens; None when it ran.
+
+    llama.cpp compiles its kernels for the CPU it is installed on, and a model file that trips them
+    crashes the whole process, where no Python handler can catch it. So a file is first tried in a
+    child process: once per file, llama.cpp build, CPU and settings (a pass is remembered in the cache).
+    """
+    marker = _trial_marker(path, settings)
+    if marker.is_file():
+        return None
+    command = [sys.executable, "-c", TRIAL_CHILD, str(path), settings.model_dump_json()]
+    project_root = str(Path(__file__).resolve().parents[1])  # so the child imports these engines
+    python_path = os.pathsep.join(filter(None, (project_root, os.environ.get("PYTHONPATH"))))
+    environment = {**os.environ, "PYTHONPATH": python_path}
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=TRIAL_TIMEOUT_S, env=environment)
+    except subprocess.TimeoutExpired:
+        return f"no answer in {TRIAL_TIMEOUT_S:.0f} s"
+    problem = trial_exit_problem(result.returncode, result.stderr)
+    if problem is None:
+        log.info("%s ran a trial in %.2f s", path.name, time.perf_counter() - started)
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError as error:  # no cache to write: tried again next start
+            log.info("cannot remember the trial run of %s: %s", path.name, error)
+    return problem
+
+
+# The trial child: the engine's own loading and warm-up, with the engine's settings.
+TRIAL_CHILD = (
+    "import sys; from pathlib import Path; from engines.llm_llama_cpp import LlamaCppLLM, WARM_UP_PROMPT; "
+    "settings = LlamaCppLLM.Settings.model_validate_json(sys.argv[2]); "
+    "LlamaCppLLM._open(settings, Path(sys.argv[1])).create_completion(WARM_UP_PROMPT, max_tokens=4)"
+)
+
+
+def trial_exit_problem(returncode: int, stderr: str) -> str | None:
+    if returncode == 0:
+        return None
+    if returncode < 0:
+        return f"llama.cpp crashed ({signal.Signals(-returncode).name})"
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {returncode}"
+
+
+def _trial_marker(path: Path, settings: LlamaCppLLM.Settings) -> Path:
+    stat = path.stat()
+    build = llama_cpp.llama_print_system_info().decode()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{llama_cpp.__version__}|{build}"
+    key = hashlib.sha256(f"{identity}|{settings.n_ctx}|{settings.n_threads}".encode()).hexdigest()
+    return cache_directory(settings) / f"{path.name}.trial-passed-{key[:16]}"
 
 
 def resolve_model_path(settings: LlamaCppLLM.Settings) -> Path:

@@ -110,7 +110,8 @@ async def test_health_and_prometheus_metrics(base_url, client_factory):
         async with http.get(base_url + "/healthz") as response:
             health = await response.json()
             assert response.status == 200 and health["status"] == "ok"
-            assert health["engines"] == {"vad": "silero", "asr": "faster-whisper", "llm": "llama-cpp", "tts": "piper", "lipsync": "warp"}
+            engines = {"vad": "silero", "asr": "faster-whisper", "llm": "llama-cpp", "tts": "piper", "lipsync": "warp"}
+            assert health["engines"] == engines
         async with http.get(base_url + "/metrics") as response:
             text = await response.text()
     assert 'facecast_stage_latency_seconds_bucket{le="1.0",stage="first_audio_sent"}' in text

@@ -415,10 +415,52 @@ def test_an_english_copy_llama_cpp_refuses_leaves_the_full_vocabulary(
     monkeypatch.setattr(llm_llama_cpp, "english_vocabulary_model", lambda source, cache, words=None: refused)
     engine = LlamaCppLLM(LlamaCppLLM.Settings(cache_dir=str(cache_directory(llm._settings))))
     try:
-        assert str(engine.describe()["vocabulary"]).startswith("full (the English copy was refused")
+        vocabulary = str(engine.describe()["vocabulary"])
+        assert vocabulary.startswith("full (the English copy failed a trial run: ") and "refused.gguf" in vocabulary
         assert engine._llama.n_vocab() > llm._llama.n_vocab()
     finally:
         engine.close()
+
+
+def remember_trials_in(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trial runs forget the real cache's passes, so each one runs again (and a faked pass stays out of it)."""
+    monkeypatch.setattr(llm_llama_cpp, "_trial_marker", lambda path, settings: directory / f"{path.name}.passed")
+
+
+def test_an_english_copy_that_crashes_llama_cpp_leaves_the_full_vocabulary(
+    llm: LlamaCppLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remember_trials_in(tmp_path, monkeypatch)
+    crash_on_the_copy = "import ctypes, sys; '.common-english-' in sys.argv[1] and ctypes.string_at(0)"
+    monkeypatch.setattr(llm_llama_cpp, "TRIAL_CHILD", crash_on_the_copy)
+    engine = LlamaCppLLM(LlamaCppLLM.Settings(cache_dir=str(cache_directory(llm._settings))))
+    try:
+        vocabulary = str(engine.describe()["vocabulary"])
+        assert vocabulary.startswith("full (the English copy failed a trial run: llama.cpp crashed (SIGSEGV))")
+        assert "paris" in "".join(engine.stream_reply(AVA, ask("What is the capital of France?"), never)).lower()
+    finally:
+        engine.close()
+
+
+def test_a_model_that_crashes_llama_cpp_is_an_error_not_a_crash(
+    llm: LlamaCppLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remember_trials_in(tmp_path, monkeypatch)
+    monkeypatch.setattr(llm_llama_cpp, "TRIAL_CHILD", "import ctypes; ctypes.string_at(0)")
+    with pytest.raises(ValueError, match=r"cannot run .*gguf on this machine: llama.cpp crashed \(SIGSEGV\)"):
+        LlamaCppLLM(LlamaCppLLM.Settings(cache_dir=str(cache_directory(llm._settings))))
+
+
+def test_a_trial_run_that_passed_is_not_run_again(
+    llm: LlamaCppLLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remember_trials_in(tmp_path, monkeypatch)
+    settings = LlamaCppLLM.Settings(cache_dir=str(cache_directory(llm._settings)))
+    model = llm._loaded_path
+    assert llm_llama_cpp.trial_run_problem(model, settings) is None
+    assert (tmp_path / f"{model.name}.passed").is_file()
+    monkeypatch.setattr(llm_llama_cpp, "TRIAL_CHILD", "import ctypes; ctypes.string_at(0)")
+    assert llm_llama_cpp.trial_run_problem(model, settings) is None  # remembered: no child this time
 
 
 def test_the_longest_cached_run_is_found_past_the_shared_prefix() -> None:
