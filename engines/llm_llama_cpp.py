@@ -492,7 +492,7 @@ def trial_run_problem(path: Path, settings: LlamaCppLLM.Settings) -> str | None:
     crashes the whole process, where no Python handler can catch it. So a file is first tried in a
     child process: once per file, llama.cpp build, CPU and settings (a pass is remembered in the cache).
     """
-    marker = _trial_marker(path, settings)
+    marker = trial_marker(path, settings)
     if marker.is_file():
         return None
     command = [sys.executable, "-c", TRIAL_CHILD, str(path), settings.model_dump_json()]
@@ -532,7 +532,7 @@ def trial_exit_problem(returncode: int, stderr: str) -> str | None:
     return lines[-1] if lines else f"exit status {returncode}"
 
 
-def _trial_marker(path: Path, settings: LlamaCppLLM.Settings) -> Path:
+def trial_marker(path: Path, settings: LlamaCppLLM.Settings) -> Path:
     stat = path.stat()
     build = llama_cpp.llama_print_system_info().decode()
     identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{llama_cpp.__version__}|{build}"

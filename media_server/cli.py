@@ -96,7 +96,14 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
-BENCHMARKS = {"turn": "bench", "lipsync": "bench_lipsync", "llm": "bench_llm", "video": "bench_video", "tts": "bench_tts"}
+BENCHMARKS = {
+    "turn": "bench",
+    "lipsync": "bench_lipsync",
+    "llm": "bench_llm",
+    "video": "bench_video",
+    "tts": "bench_tts",
+    "startup": "bench_startup",
+}
 
 # Sub-commands that configure their own arguments: name, module, help.
 TOOL_COMMANDS = (

@@ -424,7 +424,7 @@ def test_an_english_copy_llama_cpp_refuses_leaves_the_full_vocabulary(
 
 def remember_trials_in(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Trial runs forget the real cache's passes, so each one runs again (and a faked pass stays out of it)."""
-    monkeypatch.setattr(llm_llama_cpp, "_trial_marker", lambda path, settings: directory / f"{path.name}.passed")
+    monkeypatch.setattr(llm_llama_cpp, "trial_marker", lambda path, settings: directory / f"{path.name}.passed")
 
 
 def test_an_english_copy_that_crashes_llama_cpp_leaves_the_full_vocabulary(
