@@ -98,7 +98,7 @@ class LlamaCppLLM(LLMEngine):
         self._model_path = resolve_model_path(settings)
         self._loaded_path, self._vocabulary = self._reduced_vocabulary(settings, self._model_path)
         if self._loaded_path != self._model_path and (problem := trial_run_problem(self._loaded_path, settings)):
-            log.warning("%s: its English copy failed a trial run (%s), using the full vocabulary", self._model_path, problem)
+            log.warning("%s: its English copy failed a trial run, using the full vocabulary", self._model_path)
             self._loaded_path = self._model_path
             self._vocabulary = f"full (the English copy failed a trial run: {problem})"
         if self._loaded_path == self._model_path and (problem := trial_run_problem(self._model_path, settings)):
@@ -505,7 +505,9 @@ def trial_run_problem(path: Path, settings: LlamaCppLLM.Settings) -> str | None:
     except subprocess.TimeoutExpired:
         return f"no answer in {TRIAL_TIMEOUT_S:.0f} s"
     problem = trial_exit_problem(result.returncode, result.stderr)
-    if problem is None:
+    if problem is not None:
+        log.warning("the trial run of %s failed: %s; its last output:\n%s", path, problem, result.stderr[-2000:])
+    else:
         log.info("%s ran a trial in %.2f s", path.name, time.perf_counter() - started)
         try:
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -517,7 +519,8 @@ def trial_run_problem(path: Path, settings: LlamaCppLLM.Settings) -> str | None:
 
 # The trial child: the engine's own loading and warm-up, with the engine's settings.
 TRIAL_CHILD = (
-    "import sys; from pathlib import Path; from engines.llm_llama_cpp import LlamaCppLLM, WARM_UP_PROMPT; "
+    "import faulthandler, sys; from pathlib import Path; faulthandler.enable(); "
+    "from engines.llm_llama_cpp import LlamaCppLLM, WARM_UP_PROMPT; "
     "settings = LlamaCppLLM.Settings.model_validate_json(sys.argv[2]); "
     "LlamaCppLLM._open(settings, Path(sys.argv[1])).create_completion(WARM_UP_PROMPT, max_tokens=4)"
 )
