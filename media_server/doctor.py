@@ -10,6 +10,7 @@ from pathlib import Path
 from aiortc import RTCRtpSender
 
 from engines.avatar import AvatarCatalogue, AvatarError
+from engines.base import EngineLoadError
 from engines.device import pick_device
 from media_server import dependencies
 from media_server.config import Settings
@@ -50,28 +51,35 @@ def _cpu() -> dict[str, object]:
     return {"model": fields.get("model name"), "features": [f for f in CPU_FEATURES if f in flags]}
 
 
+def _engines(settings: Settings) -> dict[str, object]:
+    """What each engine would use, or why they could not load (the rest of the report is still worth having)."""
+    try:
+        engines = build_engines(settings, warm_up=False)
+    except EngineLoadError as error:
+        return {"error": str(error)}
+    engines.close()
+    return engines.descriptions
+
+
 def report(settings: Settings, constraints: Path = dependencies.CONSTRAINTS_FILE) -> dict[str, object]:
     """Versions first, warned about before any engine loads: an untested native library may crash the loading."""
     native, warnings = dependencies.report(constraints)
     for warning in warnings:
         log.warning("%s", warning)
     device = pick_device("auto")
-    engines = build_engines(settings, warm_up=False)
-    try:
-        return {
-            "platform": {
-                "python": platform.python_version(),
-                "machine": platform.machine(),
-                "cpus": os.cpu_count(),
-                "cpu": _cpu(),
-            },
-            "dependencies": native,
-            "warnings": warnings,
-            "device": {"picked": device.device, "why": device.reason},
-            "engines": engines.descriptions,
-            "codecs": _codecs(),
-            "avatars": _avatars(settings),
-            "server": {"host": settings.server.host, "port": settings.server.port, "max_sessions": settings.server.max_sessions},
-        }
-    finally:
-        engines.close()
+    server = settings.server
+    return {
+        "platform": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "cpu": _cpu(),
+        },
+        "dependencies": native,
+        "warnings": warnings,
+        "device": {"picked": device.device, "why": device.reason},
+        "engines": _engines(settings),
+        "codecs": _codecs(),
+        "avatars": _avatars(settings),
+        "server": {"host": server.host, "port": server.port, "max_sessions": server.max_sessions},
+    }

@@ -84,6 +84,10 @@ def test_an_engine_that_fails_to_load_is_named_without_a_traceback(tmp_path: Pat
     assert result.returncode == 1
     assert f"facecast: the llm engine 'llama-cpp' failed to load: llm model '{missing}'" in result.stderr
     assert "Traceback" not in result.stderr
+    doctor = facecast("--set", f"llm.model={missing}", "doctor", timeout=120)
+    report = json.loads(doctor.stdout)  # still reports versions, CPU, codecs beside the engine's error
+    assert report["engines"]["error"].startswith("the llm engine 'llama-cpp' failed to load")
+    assert report["dependencies"]["native"]["llama-cpp-python"] and report["platform"]["cpu"]["features"]
 
 
 def test_a_port_in_use_is_a_clear_error():
