@@ -108,6 +108,7 @@ class Persona:
     display_name: str
     system_prompt: str
     examples: tuple[tuple[str, str], ...] = ()
+    language: str = "en"  # BCP-47: what the persona hears, writes and speaks
 
 
 class LLMEngine(Engine):
@@ -162,10 +163,11 @@ class TTSEngine(Engine):
     def default_voice(self) -> str: ...
 
     @abstractmethod
-    def synthesize(self, text: str, voice: str) -> Iterator[SpeechChunk]:
+    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> Iterator[SpeechChunk]:
         """Yield audio as soon as it is ready, sentence by sentence, in one or more chunks per sentence.
 
-        Closing the iterator abandons the rest."""
+        ``speed`` above 1 speaks faster, below 1 slower ("say that slower"). Closing the iterator
+        abandons the rest."""
 
 
 # --- Lip-sync --------------------------------------------------------------

@@ -14,15 +14,15 @@ from pydantic import ValidationError
 from engines.base import Engine, EngineConfigError
 
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
-    "vad": {"silero": "engines.vad_silero:SileroVAD"},
-    "asr": {"faster-whisper": "engines.asr_faster_whisper:FasterWhisperASR"},
-    "llm": {"llama-cpp": "engines.llm_llama_cpp:LlamaCppLLM"},
-    "tts": {"piper": "engines.tts_piper:PiperTTS"},
+    "vad": {"silero": "engines.vad.silero:SileroVAD"},
+    "asr": {"faster-whisper": "engines.asr.faster_whisper:FasterWhisperASR"},
+    "llm": {"llama-cpp": "engines.llm.llama_cpp:LlamaCppLLM"},
+    "tts": {"piper": "engines.tts.piper.engine:PiperTTS"},
     "lipsync": {
-        "warp": "engines.lipsync_warp:WarpLipSync",
-        "wav2lip": "engines.lipsync_wav2lip:Wav2LipSync",
+        "warp": "engines.lipsync.warp:WarpLipSync",
+        "wav2lip": "engines.lipsync.wav2lip.engine:Wav2LipSync",
     },
-    "enhancer": {"gfpgan": "engines.enhancer_gfpgan:GFPGANEnhancer"},
+    "enhancer": {"gfpgan": "engines.enhancer.gfpgan.engine:GFPGANEnhancer"},
 }
 
 

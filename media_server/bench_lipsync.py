@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from engines.avatar import load_avatar
-from engines.gfpgan_model import GFPGAN
-from engines.wav2lip_backends import Wav2LipBackend, create_backend
-from engines.wav2lip_model import Wav2LipGenerator, deterministic_state_dict, load_checkpoint
-from engines.wav2lip_onnx import face_inputs, jittered_face_crops, speech_mel_windows
+from engines.enhancer.gfpgan.model import GFPGAN
+from engines.lipsync.wav2lip.backends import Wav2LipBackend, create_backend
+from engines.lipsync.wav2lip.calibration import face_inputs, jittered_face_crops, speech_mel_windows
+from engines.lipsync.wav2lip.model import Wav2LipGenerator, deterministic_state_dict, load_checkpoint
 from media_server.config import PROJECT_ROOT, Settings
+from media_server.speech_corpus import espeak_16k
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
 REFERENCE = "torch"  # eager float32 PyTorch
@@ -72,7 +73,7 @@ def _peak_rss_mb() -> float:
 
 
 def _model(options: dict[str, object]) -> tuple[Wav2LipGenerator, str]:
-    from engines.lipsync_wav2lip import DEFAULT_CHECKPOINT
+    from engines.lipsync.wav2lip.engine import DEFAULT_CHECKPOINT
 
     checkpoint = Path(str(options.get("checkpoint") or DEFAULT_CHECKPOINT)).expanduser()
     if checkpoint.is_file():
@@ -164,7 +165,7 @@ def run(settings: Settings, seconds: float) -> dict[str, object]:
     threads = int(options.get("threads", 2))
     torch.set_num_threads(threads)
     model, weights = _model(options)
-    faces, mels = _faces(settings), speech_mel_windows(SPEECH)
+    faces, mels = _faces(settings), speech_mel_windows(espeak_16k(SPEECH))
     backends = {name: create_backend(name, model, "cpu", threads=threads) for name in BACKENDS}
     features = {name: backend.encode_faces(faces) for name, backend in backends.items()}
     cpu_before, started = _cpu_seconds(), time.monotonic()

@@ -1,4 +1,4 @@
-"""``facecast bench startup``: what the LLM's trial run (engines/llm_llama_cpp.py) adds to loading it.
+"""``facecast bench startup``: what the LLM's trial run (engines/llm/llama_cpp.py) adds to loading it.
 
 The configured llama-cpp engine is loaded ``ROUNDS`` times with its trial runs forgotten (a first start
 on a new machine or llama.cpp build) and as many times with them remembered (every later start), in
@@ -19,7 +19,7 @@ ROUNDS = 5
 
 def run(settings: Settings) -> dict[str, object]:
     # Only llama-cpp has a trial run; its cache is where the passes are remembered.
-    from engines.llm_llama_cpp import LlamaCppLLM, cache_directory
+    from engines.llm.llama_cpp import LlamaCppLLM, cache_directory
 
     if settings.llm.engine != "llama-cpp":
         raise SystemExit("bench startup measures the llama-cpp engine's trial run: set llm.engine = 'llama-cpp'")

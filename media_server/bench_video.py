@@ -21,7 +21,7 @@ from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 from engines.avatar import Avatar, load_avatar
 from engines.base import LipSyncEngine, TTSEngine
 from engines.registry import create_engine
-from media_server.audio import resample
+from engines.audio import resample
 from media_server.bench_output import print_summary
 from media_server.config import MediaSettings, Settings
 from media_server.webrtc_tuning import RenderedVideoVp8Encoder

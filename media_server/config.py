@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from engines import PROJECT_ROOT
+
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "default.toml"
 ENV_PREFIX = "FACECAST__"
 

@@ -22,7 +22,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from media_server.audio import resample
+from engines.audio import resample
 from media_server.av_output import OpusEncoder
 from media_server.webrtc_tuning import set_audio_jitter_buffer
 

@@ -20,7 +20,8 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engines.avatar import Avatar
 from engines.base import ChatMessage, EngineSet, LipSyncStream, Persona, PhonemeTiming
-from media_server.audio import CaptureClock, MicrophoneResampler, resample, silence_before_onset
+from engines.audio import resample, silence_before_onset
+from media_server.audio import CaptureClock, MicrophoneResampler
 from media_server.av_output import AVTimeline, PlaybackEvent, QueuedFrame
 from media_server.chunker import SpeechChunker
 from media_server.config import Settings, TurnSettings

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.audio import resample
+from engines.lipsync.wav2lip.calibration import CALIBRATION_FRAMES, speech_mel_windows
+
 QUESTIONS = (
     "What is the capital of France?",
     "How many legs does a spider have?",
@@ -39,6 +42,14 @@ QUESTIONS = (
 )
 
 
+# What the int8 Wav2Lip decoder is calibrated on (engines/lipsync/wav2lip/calibration_mels.npz).
+CALIBRATION_SPEECH = (
+    ("Hello! How can I help you today? The weather is lovely this morning.", "en-us", 165),
+    ("Paris is the capital of France, and Rome is the capital of Italy.", "en-gb", 140),
+    ("A spider has eight legs; bees make honey, and cows drink water.", "en-us", 190),
+)
+
+
 def espeak(text: str, voice: str = "en-us", words_per_minute: int = 160) -> tuple[np.ndarray, int]:
     """``text`` spoken by Debian's espeak-ng, as float32 mono and its sample rate."""
     wav_bytes = subprocess.run(
@@ -50,6 +61,20 @@ def espeak(text: str, voice: str = "en-us", words_per_minute: int = 160) -> tupl
         rate = reader.getframerate()
         pcm = np.frombuffer(reader.readframes(reader.getnframes()), dtype=np.int16)
     return pcm.astype(np.float32) / 32768.0, rate
+
+
+def espeak_16k(sentences: tuple[tuple[str, str, int], ...]) -> list[np.ndarray]:
+    """Each (text, voice, words per minute) spoken by espeak-ng, as float32 mono at 16 kHz."""
+    return [resample(*espeak(text, voice, words_per_minute), 16000) for text, voice, words_per_minute in sentences]
+
+
+def calibration_mels() -> np.ndarray:
+    """The int8 Wav2Lip decoder's calibration speech: 64 mel windows spread over CALIBRATION_SPEECH.
+
+    ``np.savez_compressed(CALIBRATION_MELS, mels=calibration_mels())`` writes the shipped file again."""
+    mels = speech_mel_windows(espeak_16k(CALIBRATION_SPEECH))
+    picks = np.linspace(0, len(mels) - 1, CALIBRATION_FRAMES).round().astype(int)
+    return mels[picks]
 
 
 # fmt: off

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from media_server.audio import resample
+from engines.audio import resample
 from media_server.speech_corpus import espeak, write_wav
 
 playwright_api = pytest.importorskip("playwright.async_api")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.asr_faster_whisper import FasterWhisperASR
+from engines.asr.faster_whisper import FasterWhisperASR
 from engines.embedded_models import (
     WHISPER_BASE_SHA256,
     ModelIntegrityError,
@@ -16,7 +16,7 @@ from engines.embedded_models import (
     verify_sha256,
     whisper_base_files,
 )
-from media_server.audio import resample
+from engines.audio import resample
 from media_server.speech_corpus import espeak, word_error_rate
 
 RATE = FasterWhisperASR.sample_rate

@@ -5,7 +5,7 @@ from __future__ import annotations
 import av
 import numpy as np
 
-from media_server.audio import resample
+from engines.audio import resample
 from media_server.echo_guard import EchoGuard
 from media_server.speech_corpus import espeak
 

@@ -15,11 +15,11 @@ import torch
 
 from engines.avatar import Avatar, load_avatar
 from engines.base import EngineConfigError
-from engines.enhancer_gfpgan import GFPGANEnhancer
-from engines.gfpgan_model import GFPGAN, GFPGANConfig
+from engines.enhancer.gfpgan.engine import GFPGANEnhancer
+from engines.enhancer.gfpgan.model import GFPGAN, GFPGANConfig
 from engines.registry import create_engine
-from engines.wav2lip_model import deterministic_state_dict
-from media_server.audio import resample
+from engines.lipsync.wav2lip.model import deterministic_state_dict
+from engines.audio import resample
 from media_server.speech_corpus import espeak
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from engines.avatar import Avatar, load_avatar
 from engines.base import AVFrame
-from engines.lipsync_warp import WarpLipSync
-from media_server.audio import resample
+from engines.lipsync.warp import WarpLipSync
+from engines.audio import resample
 from media_server.speech_corpus import espeak
 
 AVATAR_DIR = Path(__file__).resolve().parents[1] / "avatars" / "default"

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from engines import llm_llama_cpp
+from engines.llm import llama_cpp as llm_llama_cpp
 from engines.base import ChatMessage, Persona
 from engines.embedded_models import sha256_of
-from engines.gguf_vocabulary import (
+from engines.llm.gguf_vocabulary import (
     UnsupportedModelError,
     english_vocabulary_model,
     is_word_form,
     merge_path,
     reduce_vocabulary,
 )
-from engines.llm_llama_cpp import LlamaCppLLM, cache_directory, embedded_model_path
+from engines.llm.llama_cpp import LlamaCppLLM, cache_directory, embedded_model_path
 from media_server.speech_corpus import QUESTIONS
 
 AVA = Persona(

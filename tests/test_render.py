@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.wav2lip_model import deterministic_state_dict
+from engines.lipsync.wav2lip.model import deterministic_state_dict
 from media_server import render as render_cli
 from media_server.config import Settings, load_settings
 from media_server.render import RenderError, render

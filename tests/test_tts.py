@@ -19,7 +19,7 @@ import pytest
 
 from engines.base import EngineConfigError, SpeechChunk
 from engines.registry import create_engine
-from engines.tts_piper import PiperTTS, PiperWorkerError
+from engines.tts.piper.engine import PiperTTS, PiperWorkerError
 
 TWO_SENTENCES = ["The weather is lovely today.", "Shall we go for a walk in the park?"]
 LONG_STORY = [

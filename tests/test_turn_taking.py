@@ -12,7 +12,7 @@ import pytest
 
 from engines.base import ASREngine, ChatMessage, LLMEngine, Persona, Transcript
 from media_server.app import SESSIONS
-from media_server.audio import silence_before_onset
+from engines.audio import silence_before_onset
 from media_server.av_output import AUDIO_PACKET_S
 from media_server.loopback_client import MicrophoneTrack
 from media_server.metrics import ServerMetrics

@@ -10,7 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from media_server.audio import CaptureClock, silence_before_onset
+from engines.audio import silence_before_onset
+from media_server.audio import CaptureClock
 from media_server.chunker import SpeechChunker
 from media_server.config import ConfigError, TurnSettings, load_settings
 from media_server.pipeline import lipsync_pieces

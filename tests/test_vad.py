@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from engines.embedded_models import SILERO_VAD_SHA256
-from engines.vad_silero import SileroVAD
-from media_server.audio import resample
+from engines.vad.silero import SileroVAD
+from engines.audio import resample
 from media_server.speech_corpus import espeak
 
 WINDOW = SileroVAD.window_samples

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.wav2lip_backends import BackendError, Wav2LipBackend, create_backend
-from engines.wav2lip_model import Wav2LipGenerator, deterministic_state_dict
-from engines.wav2lip_onnx import (
+from engines.lipsync.wav2lip.backends import BackendError, Wav2LipBackend, create_backend
+from engines.lipsync.wav2lip.calibration import (
     DEFAULT_CALIBRATION_IMAGE,
     Calibration,
     default_calibration,
@@ -19,6 +18,8 @@ from engines.wav2lip_onnx import (
     photo_face_crops,
     speech_mel_windows,
 )
+from engines.lipsync.wav2lip.model import Wav2LipGenerator, deterministic_state_dict
+from media_server.speech_corpus import espeak_16k
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wav2lip"
 INT8_MIN_PSNR_DB = 40.0  # measured 47.3 dB with the conformance weights
@@ -94,7 +95,7 @@ def test_int8_output_stays_close_to_float32_on_held_out_speech(
     int8 = create_backend("onnx-int8", model, "cpu", cache_dir=cache_dir, calibration=calibration)
     assert int8.name == "onnx-int8"
     # Held out: a sentence, a voice and face crops that calibration never saw.
-    mels = speech_mel_windows((("Why do leaves change color in autumn?", "en-gb", 150),))
+    mels = speech_mel_windows(espeak_16k((("Why do leaves change color in autumn?", "en-gb", 150),)))
     faces = face_inputs(photo_face_crops(DEFAULT_CALIBRATION_IMAGE, 4, seed=1))
     index = np.arange(len(mels)) % len(faces)
     reference = onnx_float32.generate(mels, onnx_float32.encode_faces(faces), index)

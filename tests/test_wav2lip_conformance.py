@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engines.wav2lip_audio import StreamingMel, mel_window_start, melspectrogram
-from engines.wav2lip_model import (
+from engines.lipsync.wav2lip.mel import StreamingMel, mel_window_start, melspectrogram
+from engines.lipsync.wav2lip.model import (
     CheckpointError,
     Wav2LipGenerator,
     deterministic_state_dict,

@@ -21,12 +21,12 @@ from aiohttp import web
 
 from engines.avatar import Avatar, load_avatar
 from engines.base import AVFrame, EngineConfigError
-from engines.lipsync_warp import WarpLipSyncStream
-from engines.lipsync_wav2lip import FADE_FRAMES, Wav2LipStream, Wav2LipSync
+from engines.lipsync.warp import WarpLipSyncStream
+from engines.lipsync.wav2lip.engine import FADE_FRAMES, Wav2LipStream, Wav2LipSync
 from engines.registry import create_engine
-from engines.wav2lip_model import deterministic_state_dict
+from engines.lipsync.wav2lip.model import deterministic_state_dict
 from media_server.app import SESSIONS, create_app
-from media_server.audio import resample
+from engines.audio import resample
 from media_server.avatars_cli import add_avatar
 from media_server.config import load_settings
 from media_server.loopback_client import THUMBNAIL, LoopbackClient

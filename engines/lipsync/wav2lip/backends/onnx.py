@@ -3,8 +3,8 @@
 The face encoder and the decoder are exported as two graphs, so a face's features are computed once per
 avatar frame and the per-frame work is the decoder alone (audio encoder included). The int8 backend
 quantises only the decoder with ONNX Runtime's quantiser (QDQ, weights int8 per output channel,
-activations uint8 per tensor), calibrated on real inputs: face crops of an avatar photo and the mel
-windows of espeak-ng speech; OpenVINO runs that ONNX file, because its CPU plugin is the faster int8
+activations uint8 per tensor), calibrated on real inputs (``calibration.py``: face crops of an avatar
+photo and the mel windows of recorded speech shipped with the project); OpenVINO runs that ONNX file, because its CPU plugin is the faster int8
 runtime here (docs/benchmarks.md). The encoder stays float32: it runs once per avatar frame.
 
 Exported and quantised models are cached on disk under the digest of the weights (and, for int8, of
@@ -21,52 +21,23 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from engines.avatar import FaceBox, detect_face, read_source_frames
-from engines.wav2lip_audio import MEL_WINDOW, mel_window_start, melspectrogram
-from engines.wav2lip_backends import SKIP_NAMES, BackendError, DecoderGraph, FaceEncoderGraph, Wav2LipBackend
-from engines.wav2lip_model import Wav2LipGenerator
+from engines.lipsync.wav2lip.backends.base import SKIP_NAMES, DecoderGraph, FaceEncoderGraph, Wav2LipBackend
+from engines.lipsync.wav2lip.calibration import FACE_SIZE, Calibration, default_calibration
+from engines.lipsync.wav2lip.mel import MEL_WINDOW
+from engines.lipsync.wav2lip.model import Wav2LipGenerator
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "facecast" / "wav2lip"
-DEFAULT_CALIBRATION_IMAGE = PROJECT_ROOT / "avatars" / "default" / "portrait.jpg"
-CALIBRATION_SPEECH = (
-    ("Hello! How can I help you today? The weather is lovely this morning.", "en-us", 165),
-    ("Paris is the capital of France, and Rome is the capital of Italy.", "en-gb", 140),
-    ("A spider has eight legs; bees make honey, and cows drink water.", "en-us", 190),
-)
-CALIBRATION_FRAMES = 64
 CALIBRATION_BATCH = 8
 ENCODE_BATCH = 16
-FACE_SIZE = 96
 OPSET = 18
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Real generator inputs: face inputs (N, 6, 96, 96) and mel windows (M, 1, 80, 16), float32.
-
-    Calibration frame k pairs mel window k with face k % N.
-    """
-
-    faces: np.ndarray
-    mels: np.ndarray
-
-    def digest(self) -> str:
-        digest = hashlib.sha256()
-        for array in (self.faces, self.mels):
-            digest.update(str(array.shape).encode())
-            digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
-        return digest.hexdigest()
 
 
 def weights_sha256(model: Wav2LipGenerator) -> str:
@@ -76,65 +47,6 @@ def weights_sha256(model: Wav2LipGenerator) -> str:
         digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-# --- real inputs ---------------------------------------------------------------------------------------
-
-
-def face_inputs(crops_bgr: list[np.ndarray]) -> np.ndarray:
-    """Generator face inputs from 96x96 BGR uint8 crops: the crop with its lower half masked, then itself
-    as the reference (a still avatar's reference is its own frame)."""
-    faces = np.stack(crops_bgr).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
-    masked = faces.copy()
-    masked[:, :, FACE_SIZE // 2 :] = 0.0
-    return np.concatenate((masked, faces), axis=1)
-
-
-def jittered_face_crops(frame: np.ndarray, box: FaceBox, count: int, seed: int) -> list[np.ndarray]:
-    """``count`` 96x96 crops of the face in ``box``, shifted and scaled by a few percent the way detection
-    jitter and head motion move it, so calibration sees more than one exact crop."""
-    rng = np.random.default_rng(seed)
-    crops = []
-    for _ in range(count):
-        scale = rng.uniform(0.95, 1.08)
-        cx = box.center[0] + rng.uniform(-0.04, 0.04) * box.width
-        cy = box.center[1] + rng.uniform(-0.02, 0.06) * box.height  # Wav2Lip crops reach below the chin
-        half_w, half_h = box.width * scale / 2, box.height * scale * 1.1 / 2
-        x0, x1 = int(max(0, cx - half_w)), int(min(frame.shape[1], cx + half_w))
-        y0, y1 = int(max(0, cy - half_h)), int(min(frame.shape[0], cy + half_h))
-        crops.append(cv2.resize(frame[y0:y1, x0:x1], (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_AREA))
-    return crops
-
-
-def photo_face_crops(image_path: Path, count: int, seed: int) -> list[np.ndarray]:
-    frame = read_source_frames(image_path)[0]
-    return jittered_face_crops(frame, detect_face(frame), count, seed)
-
-
-def speech_mel_windows(sentences: tuple[tuple[str, str, int], ...]) -> np.ndarray:
-    """Every 25 fps frame's mel window of the sentences spoken by espeak-ng: (M, 1, 80, 16) float32."""
-    from media_server.audio import resample
-    from media_server.speech_corpus import espeak
-
-    windows = []
-    for text, voice, words_per_minute in sentences:
-        audio, rate = espeak(text, voice, words_per_minute)
-        mel = melspectrogram(resample(audio, rate, 16000))
-        frame = 0
-        while mel_window_start(frame) + MEL_WINDOW <= mel.shape[1]:
-            start = mel_window_start(frame)
-            windows.append(mel[:, start : start + MEL_WINDOW])
-            frame += 1
-    return np.stack(windows)[:, None].astype(np.float32)
-
-
-def default_calibration(image_path: Path = DEFAULT_CALIBRATION_IMAGE) -> Calibration:
-    """Face crops of ``image_path`` and espeak-ng speech, made on the spot (deterministic)."""
-    if not image_path.is_file():
-        raise BackendError(f"int8 calibration needs a face photo, and {image_path} does not exist")
-    mels = speech_mel_windows(CALIBRATION_SPEECH)
-    picks = np.linspace(0, len(mels) - 1, CALIBRATION_FRAMES).round().astype(int)
-    return Calibration(face_inputs(photo_face_crops(image_path, 8, seed=0)), mels[picks])
 
 
 # --- export and quantisation ---------------------------------------------------------------------------

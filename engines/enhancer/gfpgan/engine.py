@@ -18,13 +18,14 @@ import cv2
 import numpy as np
 import torch
 
+from engines import PROJECT_ROOT
 from engines.base import EngineConfigError, EngineSettings, FaceEnhancer
 from engines.device import DeviceChoice, pick_device
-from engines.gfpgan_model import GFPGAN, GFPGANConfig
+from engines.enhancer.gfpgan.model import GFPGAN, GFPGANConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "GFPGANv1.4.pth"
+DEFAULT_CHECKPOINT = PROJECT_ROOT / "models" / "GFPGANv1.4.pth"
 FACE_SIZE = 512
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from engines import PROJECT_ROOT
 from engines.avatar import Avatar, AvatarError
 from engines.base import (
     AVFrame,
@@ -50,15 +51,15 @@ from engines.base import (
 )
 from engines.device import DeviceChoice, pick_device
 from engines.embedded_models import sha256_of
-from engines.lipsync_warp import WarpLipSync, WarpLipSyncStream
-from engines.paste_back import PasteRegion, face_crop, generator_input, paste
-from engines.wav2lip_audio import MEL_WINDOW, N_MELS, SAMPLE_RATE, StreamingMel, mel_window_start
-from engines.wav2lip_backends import BackendError, Wav2LipBackend, create_backend
-from engines.wav2lip_model import CheckpointError, Wav2LipGenerator, load_checkpoint
+from engines.lipsync.warp import WarpLipSync, WarpLipSyncStream
+from engines.lipsync.wav2lip.paste_back import PasteRegion, face_crop, generator_input, paste
+from engines.lipsync.wav2lip.mel import MEL_WINDOW, N_MELS, SAMPLE_RATE, StreamingMel, mel_window_start
+from engines.lipsync.wav2lip.backends import BackendError, Wav2LipBackend, create_backend
+from engines.lipsync.wav2lip.model import CheckpointError, Wav2LipGenerator, load_checkpoint
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "wav2lip_gan.pth"
+DEFAULT_CHECKPOINT = PROJECT_ROOT / "models" / "wav2lip_gan.pth"
 LOOK_AHEAD_SAMPLES_16K = 200 * (MEL_WINDOW - 1) + 400  # past frame k's start, its last mel frame is final
 FADE_FRAMES = 3  # frames over which the generated mouth fades in at a segment's start and out at its end
 SILENT_MEL = -4.0  # the normalised mel value of silence: pads segments shorter than one mel window

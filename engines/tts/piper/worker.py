@@ -1,14 +1,14 @@
 """The piper worker process: the only Facecast code that imports piper.
 
 piper-tts is GPL-3.0 and Facecast is Apache-2.0, so piper never runs in the server
-process: ``engines.tts_piper`` starts this module as
-``python -m engines.tts_piper_worker CONFIG_JSON`` and talks to it over pipes.
+process: ``engines.tts.piper.engine`` starts this module as
+``python -m engines.tts.piper.worker CONFIG_JSON`` and talks to it over pipes.
 CONFIG_JSON is ``{"voices": {name: onnx_path}, "length_scale": float, "onnx_threads": int,
 "stream_sentences": bool}`` (false: each of espeak's clauses decoded whole, in one chunk).
 
 Protocol. Requests arrive on stdin, one JSON object a line:
 
-    {"op": "synthesize", "id": 7, "text": "...", "voice": "joe"}
+    {"op": "synthesize", "id": 7, "text": "...", "voice": "joe", "speed": 1.0}   # speed: > 1 faster
     {"op": "abort", "id": 7}       # stop request 7 after the piece being synthesised
 
 Replies go to stdout, each a JSON header line, a chunk's header followed by its audio
@@ -22,7 +22,7 @@ as ``samples`` little-endian float32 values:
 
 Requests are served one at a time, in order. A sentence comes in several chunks, each
 carrying the sentence's text: the voice's model is cut in front of its decoder
-(``engines.vits_streaming``), and the first ~0.28 s of a sentence is sent as soon as it is
+(``engines.tts.piper.vits_streaming``), and the first ~0.28 s of a sentence is sent as soon as it is
 decoded, then windows twice as long as the one before. Phoneme timings (seconds from the
 chunk's start) come from the model's duration tensor; they are piper's phonemes (NFD
 codepoints, stress marks included), "^" and "$" marking the leading and trailing silence.
@@ -48,7 +48,7 @@ from piper import PiperVoice
 from piper.config import PiperConfig
 from piper.const import BOS, EOS, PAD
 
-from engines.vits_streaming import FIRST_WINDOW_FRAMES, open_vits, windows
+from engines.tts.piper.vits_streaming import FIRST_WINDOW_FRAMES, open_vits, windows
 
 # A sentence ends at . ! ? or … (optionally followed by a closing quote or bracket) before
 # whitespace, or at a line break.
@@ -120,7 +120,7 @@ def timings_within(timings: list[Timing] | None, start: float, end: float) -> li
 
 
 class Speaker:
-    """One voice, speaking a sentence window by window (``engines.vits_streaming``).
+    """One voice, speaking a sentence window by window (``engines.tts.piper.vits_streaming``).
 
     Piper normalises each sentence to its own peak, which needs the whole sentence first; a
     speaker instead applies one gain per voice, measured on a few sentences at load, so every
@@ -149,7 +149,7 @@ class Speaker:
             "streams": self._first_window is not None,
         }
 
-    def pieces(self, sentence: str) -> Iterator[tuple[np.ndarray, list[Timing] | None]]:
+    def pieces(self, sentence: str, speed: float = 1.0) -> Iterator[tuple[np.ndarray, list[Timing] | None]]:
         """The sentence's audio, window by window, each with the phonemes heard in it.
 
         espeak may cut a sentence into clauses; their windows follow one another.
@@ -158,7 +158,8 @@ class Speaker:
         for phonemes in self._voice.phonemize(sentence):
             if not phonemes:
                 continue
-            decoder_inputs, frames_per_id = self._vits.encode(self._feeds(self._voice.phonemes_to_ids(phonemes)))
+            feeds = self._feeds(self._voice.phonemes_to_ids(phonemes), self._length_scale / speed)
+            decoder_inputs, frames_per_id = self._vits.encode(feeds)
             timings = None
             if frames_per_id is not None:
                 timings = phoneme_timings(phonemes, self.config.phoneme_id_map, frames_per_id, seconds_per_frame)
@@ -167,12 +168,12 @@ class Speaker:
                 heard = timings_within(timings, start * seconds_per_frame, end * seconds_per_frame)
                 yield np.clip(audio * self._gain, -1.0, 1.0).astype("<f4"), heard
 
-    def _feeds(self, phoneme_ids: list[int]) -> dict[str, np.ndarray]:
+    def _feeds(self, phoneme_ids: list[int], length_scale: float) -> dict[str, np.ndarray]:
         feeds = {
             "input": np.array([phoneme_ids], dtype=np.int64),
             "input_lengths": np.array([len(phoneme_ids)], dtype=np.int64),
             "scales": np.array(
-                [self.config.noise_scale, self._length_scale, self.config.noise_w_scale], dtype=np.float32
+                [self.config.noise_scale, length_scale, self.config.noise_w_scale], dtype=np.float32
             ),
         }
         if self.config.num_speakers > 1:
@@ -185,10 +186,10 @@ def write_message(out: BinaryIO, message: dict[str, Any], payload: bytes = b"") 
     out.flush()
 
 
-def speech(speaker: Speaker, text: str) -> Iterator[tuple[str, bool, np.ndarray, list[Timing] | None]]:
+def speech(speaker: Speaker, text: str, speed: float) -> Iterator[tuple[str, bool, np.ndarray, list[Timing] | None]]:
     """(sentence, whether this piece starts it, audio, phoneme timings) for each piece of ``text``."""
     for sentence in split_sentences(text):
-        for index, (audio, timings) in enumerate(speaker.pieces(sentence)):
+        for index, (audio, timings) in enumerate(speaker.pieces(sentence, speed)):
             yield sentence, index == 0, audio, timings
 
 
@@ -197,7 +198,7 @@ def serve(request: dict[str, Any], speakers: dict[str, Speaker], aborts: _Aborts
     aborts.forget_before(request_id)
     try:
         speaker = speakers[request["voice"]]
-        for sentence, starts_sentence, audio, timings in speech(speaker, request["text"]):
+        for sentence, starts_sentence, audio, timings in speech(speaker, request["text"], request.get("speed", 1.0)):
             if aborts.contains(request_id):
                 break
             header = {

@@ -28,9 +28,10 @@ import numpy as np
 from llama_cpp import Llama
 from pydantic import Field, model_validator
 
+from engines import PROJECT_ROOT
 from engines.base import ChatMessage, EngineSettings, LLMEngine, Persona
 from engines.embedded_models import ModelNotInstalledError, sha256_of, whisper_tokenizer_path
-from engines.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model, words_of_bpe_tokenizer
+from engines.llm.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model, words_of_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ class LlamaCppLLM(LLMEngine):
         top_p: float = Field(default=0.9, gt=0.0, le=1.0)
         repeat_penalty: float = Field(default=1.1, ge=1.0)
         max_history_tokens: int = Field(default=768, ge=16)
-        # "english": a copy of the model without the tokens English text never uses (engines/gguf_vocabulary.py):
+        # "english": a copy of the model without the tokens English text never uses (engines/llm/gguf_vocabulary.py):
         # each token is cheaper to write and English replies are unchanged. "common-english": only the
         # pieces of common English words, cheaper again; rare words are spelt in smaller pieces.
         # "full" for other languages.
@@ -496,7 +497,7 @@ def trial_run_problem(path: Path, settings: LlamaCppLLM.Settings) -> str | None:
     if marker.is_file():
         return None
     command = [sys.executable, "-c", TRIAL_CHILD, str(path), settings.model_dump_json()]
-    project_root = str(Path(__file__).resolve().parents[1])  # so the child imports these engines
+    project_root = str(PROJECT_ROOT)  # so the child imports these engines
     python_path = os.pathsep.join(filter(None, (project_root, os.environ.get("PYTHONPATH"))))
     environment = {**os.environ, "PYTHONPATH": python_path}
     started = time.perf_counter()
@@ -520,7 +521,7 @@ def trial_run_problem(path: Path, settings: LlamaCppLLM.Settings) -> str | None:
 # The trial child: the engine's own loading and warm-up, with the engine's settings.
 TRIAL_CHILD = (
     "import faulthandler, sys; from pathlib import Path; faulthandler.enable(); "
-    "from engines.llm_llama_cpp import LlamaCppLLM, WARM_UP_PROMPT; "
+    "from engines.llm.llama_cpp import LlamaCppLLM, WARM_UP_PROMPT; "
     "settings = LlamaCppLLM.Settings.model_validate_json(sys.argv[2]); "
     "LlamaCppLLM._open(settings, Path(sys.argv[1])).create_completion(WARM_UP_PROMPT, max_tokens=4)"
 )
