@@ -1,3 +1,3 @@
-from media_server.cli import main
+from media_server.cli.main import main
 
 main()

@@ -34,6 +34,7 @@ class IceServer(Strict):
 
 
 ORIGIN_PATTERN = r"^(\*|https?://[^/\s]+)$"
+HOST_PATTERN = r"^[A-Za-z0-9.-]{1,253}$"
 
 
 class ServerSettings(Strict):
@@ -43,6 +44,10 @@ class ServerSettings(Strict):
     max_body_bytes: int = Field(256 * 1024, ge=1024)
     # A session whose client sends nothing (no mic audio, no data) for this long is closed.
     client_timeout_s: float = Field(15.0, gt=0)
+    # A session or viewer whose peer connection has not connected this long after the offer is closed.
+    connect_timeout_s: float = Field(10.0, gt=0)
+    # New sessions and viewers one client address may open a minute (0: no limit).
+    offers_per_minute: int = Field(30, ge=0)
     avatars_dir: Path = PROJECT_ROOT / "avatars"
     static_dir: Path = PROJECT_ROOT / "static"
     default_avatar: str = "default"
@@ -54,6 +59,9 @@ class ServerSettings(Strict):
     api_token: str | None = Field(None, min_length=16)
     # Web sites (scheme://host[:port], or "*") whose pages may use this server from the browser (embed.js).
     allowed_origins: list[Annotated[str, StringConstraints(pattern=ORIGIN_PATTERN)]] = []
+    # Names this server is reached by besides IP addresses, localhost, this machine's name and `host`
+    # (e.g. the name a reverse proxy forwards): any other Host is refused (DNS rebinding).
+    allowed_hosts: list[Annotated[str, StringConstraints(pattern=HOST_PATTERN, to_lower=True)]] = []
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
@@ -73,6 +81,9 @@ class BroadcastSettings(Strict):
     default_id: str = Field("main", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_viewers: int = Field(4, ge=1)  # per broadcast session; each viewer costs one video encode
     reply_timeout_s: float = Field(60.0, gt=0)  # how long POST .../chat waits for the reply's text
+    # The default broadcast, when started by its first viewer (not the API), stops this long after its last left.
+    idle_stop_s: float = Field(30.0, gt=0)
+    max_rtmp_pushes: int = Field(2, ge=1)  # RTMP destinations per broadcast session (each costs an encode)
     # When set, the server starts the default broadcast session at launch and pushes it here (rtmp:// or rtmps://).
     rtmp_url: str | None = Field(None, pattern=r"^rtmps?://")
     rtmp_video_kbps: int = Field(2000, ge=100)
@@ -100,8 +111,8 @@ class MediaSettings(Strict):
         return self
 
 
-class TurnSettings(Strict):
-    """Turn-taking policy: when the user has started, paused, finished, or interrupted (see turn_policy.py)."""
+class TurnTakingSettings(Strict):
+    """When the user has started, paused, finished, or interrupted the avatar (conversation/turn_policy.py)."""
 
     vad_threshold: float = Field(0.5, gt=0, lt=1)
     min_speech_ms: int = Field(150, ge=0)
@@ -113,23 +124,46 @@ class TurnSettings(Strict):
     pre_roll_ms: int = Field(300, ge=0)
     partial_interval_ms: int = Field(800, ge=100)
     max_utterance_s: float = Field(20.0, gt=1)
-    first_chunk_min_words: int = Field(3, ge=1)
-    first_chunk_at_phrase: bool = True
-    first_chunk_priority: bool = True
     prefill_question: bool = True
-    trim_leading_silence: bool = True
-    speak_ahead_s: float = Field(2.0, ge=0)  # 0: no limit
-    max_history_messages: int = Field(200, ge=2)
-    echo_guard: bool = True
-    echo_correlation: float = Field(0.45, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> TurnSettings:
+    def _ordered(self) -> TurnTakingSettings:
         if self.speculative_silence_ms and self.speculative_silence_ms >= self.min_silence_ms:
             raise ValueError("speculative_silence_ms must be shorter than min_silence_ms (or 0 to turn it off)")
         if self.pause_avatar_after_ms > self.min_interruption_ms:
             raise ValueError("pause_avatar_after_ms must not be longer than min_interruption_ms")
         return self
+
+
+class ReplySettings(Strict):
+    """How a reply is paced from the LLM's first words to the avatar's voice (conversation/replying.py)."""
+
+    first_chunk_min_words: int = Field(3, ge=1)
+    first_chunk_at_phrase: bool = True
+    first_chunk_priority: bool = True
+    trim_leading_silence: bool = True
+    speak_ahead_s: float = Field(2.0, ge=0)  # 0: no limit
+
+
+class MemorySettings(Strict):
+    max_history_messages: int = Field(200, ge=2)
+
+
+class EchoSettings(Strict):
+    """Microphone sound that correlates with what the avatar just said is its own voice, not the user's."""
+
+    guard: bool = True
+    correlation: float = Field(0.45, gt=0, le=1)
+
+
+class DeadlineSettings(Strict):
+    """How long each engine may take before the turn fails with an error (and the session goes on)."""
+
+    asr_s: float = Field(15.0, gt=0)
+    llm_first_token_s: float = Field(20.0, gt=0)
+    llm_next_token_s: float = Field(10.0, gt=0)
+    tts_s: float = Field(10.0, gt=0)  # to a sentence's first audio, and between its pieces
+    lipsync_s: float = Field(10.0, gt=0)  # to render one piece of speech
 
 
 class StageSettings(BaseModel):
@@ -163,7 +197,11 @@ class Settings(Strict):
     server: ServerSettings = ServerSettings()
     media: MediaSettings = MediaSettings()
     broadcast: BroadcastSettings = BroadcastSettings()
-    turn: TurnSettings = TurnSettings()
+    turn_taking: TurnTakingSettings = TurnTakingSettings()
+    reply: ReplySettings = ReplySettings()
+    memory: MemorySettings = MemorySettings()
+    echo: EchoSettings = EchoSettings()
+    deadlines: DeadlineSettings = DeadlineSettings()
     vad: StageSettings
     asr: StageSettings
     llm: StageSettings
@@ -181,6 +219,23 @@ class Settings(Strict):
                 f"{', '.join(self.personas)}"
             )
         return self
+
+
+# The former [turn] section, split by concern: where each of its keys lives now.
+MOVED_TURN_KEYS = {
+    **{key: f"turn_taking.{key}" for key in TurnTakingSettings.model_fields},
+    **{key: f"reply.{key}" for key in ReplySettings.model_fields},
+    "max_history_messages": "memory.max_history_messages",
+    "echo_guard": "echo.guard",
+    "echo_correlation": "echo.correlation",
+}
+
+
+def _refuse_moved_keys(tree: Mapping[str, Any]) -> None:
+    turn = tree.get("turn")
+    if isinstance(turn, Mapping):
+        moves = ", ".join(f"turn.{key} is now {MOVED_TURN_KEYS.get(key, 'gone')}" for key in turn)
+        raise ConfigError(f"the [turn] section was split into [turn_taking], [reply], [memory] and [echo]: {moves}")
 
 
 def _parse_value(text: str) -> Any:
@@ -233,6 +288,7 @@ def load_settings(
             _set_path(tree, name[len(ENV_PREFIX) :].lower().replace("__", "."), _parse_value(text))
     for dotted, text in overrides.items():
         _set_path(tree, dotted, _parse_value(text))
+    _refuse_moved_keys(tree)
     try:
         return Settings.model_validate(tree)
     except ValidationError as error:

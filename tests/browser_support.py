@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from engines.audio import resample
-from media_server.speech_corpus import espeak, write_wav
+from media_server.testing.speech_corpus import espeak, write_wav
 
 playwright_api = pytest.importorskip("playwright.async_api")
 

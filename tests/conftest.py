@@ -10,9 +10,10 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from media_server.app import SESSIONS, create_app
+from media_server.http.app import create_app
+from media_server.http.state import SESSIONS
 from media_server.config import load_settings
-from media_server.loopback_client import LoopbackClient
+from media_server.testing.loopback_client import LoopbackClient
 from media_server.runtime import Runtime
 
 MAX_TEST_SESSIONS = 3
@@ -69,5 +70,5 @@ async def client_factory(live_server: LiveServer) -> AsyncIterator:
     for client in clients:
         with contextlib.suppress(Exception):
             await client.close()
-    for session in list(live_server.app[SESSIONS].values()):
+    for session in list(live_server.app[SESSIONS].talks.values()):
         await session.close()

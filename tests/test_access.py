@@ -13,8 +13,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from media_server.app import create_app
-from media_server.cli import _settings, build_parser, tls_context
+from media_server.http.app import create_app
+from media_server.cli.main import _settings, build_parser, tls_context
 from media_server.config import ConfigError, IceServer
 
 ALLOWED = "http://allowed.example:8000"

@@ -17,7 +17,7 @@ from engines.embedded_models import (
     whisper_base_files,
 )
 from engines.audio import resample
-from media_server.speech_corpus import espeak, word_error_rate
+from media_server.testing.speech_corpus import espeak, word_error_rate
 
 RATE = FasterWhisperASR.sample_rate
 QUESTIONS = (

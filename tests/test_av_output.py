@@ -6,8 +6,8 @@ import av
 import numpy as np
 
 from engines.audio import resample
-from media_server.av_output import OpusEncoder
-from media_server.speech_corpus import espeak
+from media_server.media.tracks import OpusEncoder
+from media_server.testing.speech_corpus import espeak
 
 RATE = 48000
 PACKET = 960

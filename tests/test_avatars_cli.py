@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engines.avatar import AvatarError, load_avatar
-from media_server import avatars_cli
+from media_server.cli import avatars as avatars_cli
 from media_server.config import load_settings
 
 PORTRAIT = Path(__file__).resolve().parents[1] / "avatars" / "default" / "portrait.jpg"

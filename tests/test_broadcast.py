@@ -25,9 +25,9 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
-from media_server.app import create_app
-from media_server.app_state import BROADCASTS
-from media_server.loopback_client import LoopbackClient
+from media_server.http.app import create_app
+from media_server.http.state import SESSIONS
+from media_server.testing.loopback_client import LoopbackClient
 
 TOKEN = "test-token-0123456789abcdef"
 LOUD_RMS = 0.02
@@ -45,7 +45,7 @@ async def call(method: str, url: str, **kwargs) -> tuple[int, dict | str, dict]:
 async def broadcasts(live_server) -> AsyncIterator[web.Application]:
     """The live server's app; every broadcast session a test leaves open is closed after it."""
     yield live_server.app
-    for session in list(live_server.app[BROADCASTS].values()):
+    for session in list(live_server.app[SESSIONS].broadcasts.values()):
         await session.close()
 
 
@@ -306,7 +306,7 @@ async def test_rtmp_url_setting_starts_the_default_broadcast_with_the_server(run
     runner = web.AppRunner(app)
     await runner.setup()
     try:
-        session = app[BROADCASTS]["main"]
+        session = app[SESSIONS].broadcasts["main"]
         deadline = time.monotonic() + 20
         while session.pushers[0].status != "live":
             assert time.monotonic() < deadline, session.pushers[0].describe()
@@ -315,4 +315,4 @@ async def test_rtmp_url_setting_starts_the_default_broadcast_with_the_server(run
         assert found["codecs"] == ["audio:aac", "video:h264"] and found["video_frames"] > 0, found
     finally:
         await runner.cleanup()
-    assert app[BROADCASTS] == {}
+    assert app[SESSIONS].broadcasts == {}

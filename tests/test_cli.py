@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 from engines.embedded_models import WHISPER_BASE_SHA256
-from media_server.dependencies import CONSTRAINTS_FILE, pinned_versions
+from media_server.cli.dependencies import CONSTRAINTS_FILE, pinned_versions
 
 # Runs `facecast` with one more llm engine, "segfault", registered the way the registry names every engine.
 WITH_SEGFAULTING_LLM = (
     "import sys; from engines.registry import IMPLEMENTATIONS; "
     "IMPLEMENTATIONS['llm']['segfault'] = 'tests.native_crash_engine:SegfaultingEngine'; "
-    "from media_server.cli import main; main(sys.argv[1:])"
+    "from media_server.cli.main import main; main(sys.argv[1:])"
 )
 
 

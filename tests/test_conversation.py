@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from media_server.app import SESSIONS
-from media_server.loopback_client import THUMBNAIL, LoopbackClient
-from media_server.speech_corpus import espeak, word_error_rate
+from media_server.http.state import SESSIONS
+from media_server.testing.loopback_client import THUMBNAIL, LoopbackClient
+from media_server.testing.speech_corpus import espeak, word_error_rate
 from tests.test_turn_taking import STORY
 
 QUESTION = "What is the capital of France?"
@@ -98,7 +98,7 @@ async def test_typed_message_gets_a_spoken_answer_and_follow_up_remembers(client
     speaking_at = next(at for at, e in client.events if e is speaking)
     await client.wait_for(is_state("listening"), timeout=60, after=speaking_at)
     assert rms(client.recording.audio_between(speaking_at, time.monotonic())) > 0.02
-    history = server_app[SESSIONS][client.session_id].conversation.history
+    history = server_app[SESSIONS].talks[client.session_id].conversation.history
     assert [m.role for m in history][:2] == ["user", "assistant"]
     assert history[0].text == "My name is Alice." and history[1].text.startswith(first["text"][:10])
     assert history[2].text == "What is my name?"
@@ -109,7 +109,7 @@ async def test_speaking_over_the_avatar_stops_it_and_the_new_question_is_answere
     client.send({"type": "say", "text": STORY})
     speaking = await client.wait_for(is_state("speaking"), timeout=30)
     speaking_at = next(at for at, e in client.events if e is speaking)
-    conversation = server_app[SESSIONS][client.session_id].conversation
+    conversation = server_app[SESSIONS].talks[client.session_id].conversation
     story_turn = conversation._turn_task
     await asyncio.sleep(0.8)
     client.microphone.say(*espeak("Stop. How many legs does a spider have?", words_per_minute=150))
@@ -120,7 +120,7 @@ async def test_speaking_over_the_avatar_stops_it_and_the_new_question_is_answere
     # The story's turn is over and nothing of it is queued; a task running now is the spider question's
     # (on a busy machine the user's pause after "Stop." may already have started it).
     assert story_turn is not None and story_turn.done() and conversation._turn_task is not story_turn
-    assert conversation.pending_work()["queued_frames"] == 0
+    assert server_app[SESSIONS].talks[client.session_id].output.queued_frames == 0
     assert client.events_of("reply", after=speaking_at)[-1].get("interrupted") is True
 
     transcript = await client.wait_for(

@@ -6,8 +6,8 @@ import av
 import numpy as np
 
 from engines.audio import resample
-from media_server.echo_guard import EchoGuard
-from media_server.speech_corpus import espeak
+from media_server.conversation.echo_guard import EchoGuard
+from media_server.testing.speech_corpus import espeak
 
 RATE = 16000
 WINDOW = 512

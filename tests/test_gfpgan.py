@@ -20,7 +20,7 @@ from engines.enhancer.gfpgan.model import GFPGAN, GFPGANConfig
 from engines.registry import create_engine
 from engines.lipsync.wav2lip.model import deterministic_state_dict
 from engines.audio import resample
-from media_server.speech_corpus import espeak
+from media_server.testing.speech_corpus import espeak
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 AVATAR_DIR = Path(__file__).resolve().parents[1] / "avatars" / "default"

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from engines.base import LLMEngine
-from media_server.app import SESSIONS
+from media_server.http.state import SESSIONS
 from tests.conftest import MAX_TEST_SESSIONS
 
 
@@ -22,11 +22,11 @@ async def post(base_url: str, path: str, **kwargs) -> tuple[int, dict, dict]:
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ("{not json", "must be JSON"),
+        ("{not json", "not JSON"),
         ('["offer"]', "JSON object"),
         ('{"type": "offer"}', "string \\\"sdp\\\"".replace("\\", "")),
         ('{"sdp": "hello", "type": "offer"}', "not a session description"),
-        ('{"sdp": "v=0\\r\\nm=audio 9 UDP/TLS/RTP/SAVPF 111\\r\\n", "type": "offer"}', "could not be accepted"),
+        ('{"sdp": "v=0\\r\\nm=audio 9 UDP/TLS/RTP/SAVPF 111\\r\\n", "type": "offer"}', "no DTLS fingerprint"),
         ('{"sdp": "v=0", "type": "answer"}', '"type": "offer"'),
     ],
 )
@@ -64,19 +64,19 @@ async def test_delete_ends_a_session_and_releases_it(client_factory, base_url, s
             assert response.status == 200
         async with http.delete(f"{base_url}/sessions/{client.session_id}") as response:
             assert response.status == 404
-    assert client.session_id not in server_app[SESSIONS]
+    assert client.session_id not in server_app[SESSIONS].talks
 
 
 async def test_a_vanished_client_is_cleaned_up_within_seconds(client_factory, server_app, runtime):
     client = await client_factory()
-    session = server_app[SESSIONS][client.session_id]
+    session = server_app[SESSIONS].talks[client.session_id]
     client.microphone.stop()  # the client stops sending anything, without saying goodbye
     for reader in client._readers:
         reader.cancel()
     deadline = time.monotonic() + runtime.settings.server.client_timeout_s + 5
-    while client.session_id in server_app[SESSIONS] and time.monotonic() < deadline:
+    while client.session_id in server_app[SESSIONS].talks and time.monotonic() < deadline:
         await asyncio.sleep(0.25)
-    assert client.session_id not in server_app[SESSIONS]
+    assert client.session_id not in server_app[SESSIONS].talks
     assert session.closed and session.pc.connectionState == "closed"
 
 
@@ -90,8 +90,8 @@ class BrokenLLM(LLMEngine):
 
 async def test_an_engine_failure_is_reported_to_its_session_only(client_factory, server_app):
     broken, healthy = await client_factory(), await client_factory()
-    conversation = server_app[SESSIONS][broken.session_id].conversation
-    conversation.engines = dataclasses.replace(conversation.engines, llm=BrokenLLM())
+    conversation = server_app[SESSIONS].talks[broken.session_id].conversation
+    conversation.replier.llm = BrokenLLM()
     broken.send({"type": "text", "text": "Hello?"})
     healthy.send({"type": "text", "text": "What is the capital of France?"})
     error = await broken.wait_for(lambda e: e.get("type") == "error", timeout=20)

@@ -13,7 +13,7 @@ from engines.avatar import Avatar, load_avatar
 from engines.base import AVFrame
 from engines.lipsync.warp import WarpLipSync
 from engines.audio import resample
-from media_server.speech_corpus import espeak
+from media_server.testing.speech_corpus import espeak
 
 AVATAR_DIR = Path(__file__).resolve().parents[1] / "avatars" / "default"
 FPS, RATE = 25, 48000

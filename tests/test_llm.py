@@ -22,7 +22,7 @@ from engines.llm.gguf_vocabulary import (
     reduce_vocabulary,
 )
 from engines.llm.llama_cpp import LlamaCppLLM, cache_directory, embedded_model_path
-from media_server.speech_corpus import QUESTIONS
+from media_server.testing.speech_corpus import QUESTIONS
 
 AVA = Persona(
     name="ava",

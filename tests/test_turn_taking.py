@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from engines.base import ASREngine, ChatMessage, LLMEngine, Persona, Transcript
-from media_server.app import SESSIONS
+from media_server.http.state import SESSIONS
 from engines.audio import silence_before_onset
-from media_server.av_output import AUDIO_PACKET_S
-from media_server.loopback_client import MicrophoneTrack
-from media_server.metrics import ServerMetrics
-from media_server.pipeline import ConversationMedia, ConversationSetup
-from media_server.speech_corpus import espeak
+from media_server.media.timeline import AUDIO_PACKET_S
+from media_server.testing.loopback_client import MicrophoneTrack
+from media_server.media.timeline import Playback
+from media_server.testing.harness import BareConversation, bare_conversation, settings_with
+from media_server.testing.speech_corpus import espeak
 
 STORY = (
     "Once upon a time, a brave knight rode out to find the dragon of the northern hills. "
@@ -60,7 +60,7 @@ async def test_a_speculative_reply_dropped_by_continued_speech_gives_one_answer(
     finals = [e for e in client.events_of("transcript") if e.get("final")]
     assert len(finals) == 1 and "france" in finals[0]["text"].lower()
     assert len([e for e in client.events_of("reply") if e.get("final")]) == 1 and reply["turn"] == finals[0]["turn"]
-    assert server_app[SESSIONS][client.session_id].conversation.speculative_dropped >= 1
+    assert server_app[SESSIONS].talks[client.session_id].conversation.speculative_dropped >= 1
 
 
 class FinalDecodes(ASREngine):
@@ -76,23 +76,25 @@ class FinalDecodes(ASREngine):
         return self.engine.transcribe(audio, partial=partial)
 
 
-async def converse(runtime, engines, speech: np.ndarray, rate: int, **turn: object) -> list[dict]:
-    """Speak ``speech`` into a fresh conversation with ``engines`` and these turn settings; its events
-    until the final transcript."""
-    settings = runtime.settings.model_copy(update={"turn": runtime.settings.turn.model_copy(update=turn)})
-    events: list[dict] = []
-    setup = ConversationSetup(
-        settings=settings,
-        engines=engines,
-        metrics=ServerMetrics(),
-        avatar=runtime.avatars.get("default"),
-        persona=runtime.personas["assistant"],
-        voice=runtime.engines.tts.default_voice,
+def fresh_conversation(runtime, engines=None, **changes: object) -> BareConversation:
+    """A conversation of the default avatar and persona, with ``engines`` and these settings changed."""
+    return bare_conversation(
+        settings_with(runtime.settings, **changes),
+        engines or runtime.engines,
+        runtime.avatars.get("default"),
+        runtime.personas["assistant"],
+        runtime.engines.tts.default_voice,
     )
-    media = ConversationMedia.open("parity", setup, events.append)
+
+
+async def converse(runtime, engines, speech: np.ndarray, rate: int, **changes: object) -> list[dict]:
+    """Speak ``speech`` into a fresh conversation with ``engines`` and these settings; its events
+    until the final transcript."""
+    bare = fresh_conversation(runtime, engines, **changes)
+    events = bare.events
     microphone = MicrophoneTrack()
     microphone.say(np.concatenate([silence(0.3, rate), speech, silence(1.0, rate)]), rate)
-    listening = asyncio.create_task(media.conversation.consume_microphone(microphone))
+    listening = asyncio.create_task(bare.conversation.consume_microphone(microphone))
     try:
         for _ in range(400):
             if any(e.get("type") == "transcript" and e.get("final") for e in events):
@@ -102,7 +104,7 @@ async def converse(runtime, engines, speech: np.ndarray, rate: int, **turn: obje
     finally:
         listening.cancel()
         microphone.stop()
-        media.close(ServerMetrics())
+        bare.close()
 
 
 def final_transcript(events: list[dict]) -> str:
@@ -176,8 +178,8 @@ async def test_a_cough_during_a_reply_pauses_it_and_the_reply_resumes(client_fac
 
 async def test_memory_stays_bounded_over_fifty_turns(client_factory, server_app, runtime):
     client = await client_factory()
-    conversation = server_app[SESSIONS][client.session_id].conversation
-    conversation.settings = conversation.settings.model_copy(update={"max_history_messages": 40})
+    conversation = server_app[SESSIONS].talks[client.session_id].conversation
+    conversation.settings = settings_with(conversation.settings, max_history_messages=40)
     llm = runtime.engines.llm
     for turn in range(50):
         client.send({"type": "text", "text": f"Question number {turn}: tell me something about the number {turn}."})
@@ -212,18 +214,19 @@ async def test_the_avatar_does_not_interrupt_itself_through_the_speakers(
     client_factory, server_app, guard, sender_lag_s
 ):
     client = await client_factory(echo_gain=0.5)  # the client's mic hears the avatar, 150 ms late
-    session = server_app[SESSIONS][client.session_id]
+    session = server_app[SESSIONS].talks[client.session_id]
     conversation = session.conversation
-    conversation.settings = conversation.settings.model_copy(update={"echo_guard": guard})
+    if not guard:
+        conversation.listener.echo_guard = None
     if sender_lag_s:
         # A busy machine: the WebRTC sender takes each packet of the avatar's audio late, so it is sent
         # (and echoed) later than the timeline played it. The guard must compare with what was sent, and when.
-        session.timeline.audio.recv = LateTaker(session.timeline.audio.recv, sender_lag_s)
+        session.output.audio.recv = LateTaker(session.output.audio.recv, sender_lag_s)
     client.send({"type": "say", "text": STORY})
     speaking_at = await wait_for_state(client, "speaking")
     await wait_for_state(client, "listening", after=speaking_at, timeout=60)
     if guard:
-        assert not client.events_of("interrupted") and conversation.echo_windows > 0
+        assert not client.events_of("interrupted") and conversation.listener.echo_windows > 0
     else:  # the control: without the guard the avatar's own voice cuts it off
         assert client.events_of("interrupted")
 
@@ -233,39 +236,36 @@ async def test_the_microphone_waits_in_aiortcs_jitter_buffer_only_as_long_as_con
 ):
     client = await client_factory()
     client.microphone.say(silence(0.5, 16000), 16000)
-    session = server_app[SESSIONS][client.session_id]
+    session = server_app[SESSIONS].talks[client.session_id]
     for _ in range(100):
         receivers = [t.receiver for t in session.pc.getTransceivers() if t.kind == "audio" and t.receiver.track]
-        if receivers and session._has_microphone:
+        if receivers and session.has_microphone:
             break
         await asyncio.sleep(0.05)
     buffer = receivers[0]._RTCRtpReceiver__jitter_buffer  # the setting aiortc does not expose
     assert buffer._prefetch == runtime.settings.media.mic_jitter_buffer_packets == 1
 
 
-async def first_reply_audio(runtime, text: str, **turn: object) -> np.ndarray:
-    """The audio of the first frames a fresh conversation queues when it says ``text``."""
-    settings = runtime.settings.model_copy(update={"turn": runtime.settings.turn.model_copy(update=turn)})
-    setup = ConversationSetup(
-        settings=settings,
-        engines=runtime.engines,
-        metrics=ServerMetrics(),
-        avatar=runtime.avatars.get("default"),
-        persona=runtime.personas["assistant"],
-        voice=runtime.engines.tts.default_voice,
+async def first_reply_audio(runtime, text: str, **changes: object) -> np.ndarray:
+    """The audio of the first three frames a fresh conversation plays when it says ``text``."""
+    bare = fresh_conversation(runtime, **changes)
+    ticks: list[np.ndarray] = []
+    started: list[int] = []
+    bare.output.add_frame_listener(lambda picture, audio: ticks.append(audio))
+    bare.output.add_playback_listener(
+        lambda event: started.append(len(ticks) - 1) if event.kind is Playback.STARTED else None
     )
-    media = ConversationMedia.open("onset", setup, lambda event: None)
-    queued: list = []
-    media.timeline.enqueue = queued.extend
+    player = asyncio.create_task(bare.output.run())
     try:
-        media.conversation.say(text)
+        bare.conversation.say(text)
         for _ in range(400):
-            if len(queued) >= 3:
-                return np.concatenate([q.frame.audio for q in queued[:3]])
+            if started and len(ticks) >= started[0] + 3:
+                return np.concatenate(ticks[started[0] : started[0] + 3])
             await asyncio.sleep(0.05)
         raise AssertionError("no reply frames")
     finally:
-        media.close(ServerMetrics())
+        player.cancel()
+        bare.close()
 
 
 async def test_a_reply_starts_at_its_first_sound(runtime):
@@ -291,30 +291,21 @@ def played_through(events: list[dict]) -> bool:
     return "speaking" in states and states[-1] == "listening"
 
 
-async def most_frames_queued_while_saying(runtime, text: str, **turn: object) -> int:
+async def most_frames_queued_while_saying(runtime, text: str, **changes: object) -> int:
     """The most frames queued ahead of playback at once while a fresh conversation says ``text``."""
-    settings = runtime.settings.model_copy(update={"turn": runtime.settings.turn.model_copy(update=turn)})
-    setup = ConversationSetup(
-        settings=settings,
-        engines=runtime.engines,
-        metrics=ServerMetrics(),
-        avatar=runtime.avatars.get("default"),
-        persona=runtime.personas["assistant"],
-        voice=runtime.engines.tts.default_voice,
-    )
-    events: list[dict] = []
-    media = ConversationMedia.open("ahead", setup, events.append)
-    player = asyncio.create_task(media.timeline.run())
+    bare = fresh_conversation(runtime, **changes)
+    events = bare.events
+    player = asyncio.create_task(bare.output.run())
     most = 0
     try:
-        media.conversation.say(text)
+        bare.conversation.say(text)
         async with asyncio.timeout(120):
             while not played_through(events):
-                most = max(most, media.timeline.queued_frames)
+                most = max(most, bare.output.queued_frames)
                 await asyncio.sleep(0.02)
     finally:
         player.cancel()
-        media.close(ServerMetrics())
+        bare.close()
     assert not any(e.get("type") == "interrupted" for e in events)
     return most
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from engines.audio import silence_before_onset
-from media_server.audio import CaptureClock
-from media_server.chunker import SpeechChunker
-from media_server.config import ConfigError, TurnSettings, load_settings
-from media_server.pipeline import lipsync_pieces
-from media_server.speech_corpus import word_error_rate
-from media_server.turn_policy import TurnEventKind, TurnPolicy
+from media_server.media.microphone import CaptureClock
+from media_server.conversation.chunker import SpeechChunker
+from media_server.config import ConfigError, TurnTakingSettings, load_settings
+from media_server.media.timeline import lipsync_pieces
+from media_server.testing.speech_corpus import word_error_rate
+from media_server.conversation.turn_policy import TurnEventKind, TurnPolicy
 
 WINDOW = 0.032
 
@@ -60,7 +60,7 @@ def kinds(events):
 
 
 def test_policy_finds_start_and_end_of_speech():
-    policy = TurnPolicy(TurnSettings(min_speech_ms=100, min_silence_ms=300, speculative_silence_ms=0), WINDOW)
+    policy = TurnPolicy(TurnTakingSettings(min_speech_ms=100, min_silence_ms=300, speculative_silence_ms=0), WINDOW)
     events = _feed(policy, [(0.0, 10), (0.9, 30), (0.0, 15)])
     assert kinds(events) == [TurnEventKind.USER_STARTED, TurnEventKind.USER_ENDED]
     assert events[0][1] == pytest.approx(10 * WINDOW)
@@ -68,14 +68,14 @@ def test_policy_finds_start_and_end_of_speech():
 
 
 def test_policy_ignores_blips_shorter_than_min_speech_and_short_pauses():
-    policy = TurnPolicy(TurnSettings(min_speech_ms=150, min_silence_ms=400, speculative_silence_ms=0), WINDOW)
+    policy = TurnPolicy(TurnTakingSettings(min_speech_ms=150, min_silence_ms=400, speculative_silence_ms=0), WINDOW)
     assert _feed(policy, [(0.9, 2), (0.0, 10)]) == []
     events = _feed(policy, [(0.9, 20), (0.1, 5), (0.9, 20), (0.0, 20)])
     assert kinds(events) == [TurnEventKind.USER_STARTED, TurnEventKind.USER_ENDED]
 
 
 def test_policy_marks_a_pause_for_speculation_then_resumes_or_ends():
-    policy = TurnPolicy(TurnSettings(min_silence_ms=500, speculative_silence_ms=160), WINDOW)
+    policy = TurnPolicy(TurnTakingSettings(min_silence_ms=500, speculative_silence_ms=160), WINDOW)
     events = _feed(policy, [(0.9, 20), (0.0, 7), (0.9, 20), (0.0, 20)])
     assert kinds(events) == [
         TurnEventKind.USER_STARTED,
@@ -87,7 +87,7 @@ def test_policy_marks_a_pause_for_speculation_then_resumes_or_ends():
 
 
 def test_policy_pauses_then_interrupts_a_speaking_avatar_once():
-    policy = TurnPolicy(TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320), WINDOW)
+    policy = TurnPolicy(TurnTakingSettings(pause_avatar_after_ms=64, min_interruption_ms=320), WINDOW)
     events = _feed(policy, [(0.9, 20)], avatar_busy=True)
     assert kinds(events) == [TurnEventKind.AVATAR_PAUSE, TurnEventKind.INTERRUPT, TurnEventKind.USER_STARTED]
     pause_at = events[0][1]
@@ -95,7 +95,7 @@ def test_policy_pauses_then_interrupts_a_speaking_avatar_once():
 
 
 def test_words_with_short_gaps_between_them_add_up_to_an_interruption():
-    policy = TurnPolicy(TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320), WINDOW)
+    policy = TurnPolicy(TurnTakingSettings(pause_avatar_after_ms=64, min_interruption_ms=320), WINDOW)
     events = _feed(policy, [(0.9, 6), (0.0, 3), (0.9, 6)], avatar_busy=True)  # "wait," ... "stop"
     assert TurnEventKind.INTERRUPT in kinds(events)
 
@@ -104,7 +104,7 @@ def test_scattered_voiced_windows_pause_the_avatar_but_never_interrupt_it():
     # One voiced window in every five (residual echo, clatter): each gap is short enough to bridge,
     # so the stretch spans well over min_interruption_ms, but it is mostly silence.
     policy = TurnPolicy(
-        TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW
+        TurnTakingSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW
     )
     events = _feed(policy, [(0.9, 1), (0.0, 4)] * 12 + [(0.0, 20)], avatar_busy=True)
     assert TurnEventKind.INTERRUPT not in kinds(events)
@@ -114,14 +114,14 @@ def test_scattered_voiced_windows_pause_the_avatar_but_never_interrupt_it():
 
 def test_a_cough_pauses_the_avatar_and_it_resumes():
     policy = TurnPolicy(
-        TurnSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW
+        TurnTakingSettings(pause_avatar_after_ms=64, min_interruption_ms=320, false_interruption_timeout_ms=400), WINDOW
     )
     events = _feed(policy, [(0.9, 5), (0.0, 20)], avatar_busy=True)
     assert kinds(events) == [TurnEventKind.AVATAR_PAUSE, TurnEventKind.AVATAR_RESUME]
 
 
 def test_policy_caps_utterance_length():
-    policy = TurnPolicy(TurnSettings(max_utterance_s=2.0), WINDOW)
+    policy = TurnPolicy(TurnTakingSettings(max_utterance_s=2.0), WINDOW)
     events = _feed(policy, [(0.9, 100)])
     assert TurnEventKind.USER_ENDED in kinds(events)
 

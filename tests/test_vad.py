@@ -8,7 +8,7 @@ import pytest
 from engines.embedded_models import SILERO_VAD_SHA256
 from engines.vad.silero import SileroVAD
 from engines.audio import resample
-from media_server.speech_corpus import espeak
+from media_server.testing.speech_corpus import espeak
 
 WINDOW = SileroVAD.window_samples
 

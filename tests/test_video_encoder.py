@@ -7,10 +7,10 @@ import asyncio
 from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.codecs.vpx import Vp8Encoder
 
-from media_server.app import SESSIONS
-from media_server.av_output import OutputTrack
-from media_server.bench_video import avatar_frames, encode_frames, mean_psnr
-from media_server.webrtc_tuning import RenderedVideoVp8Encoder, use_rendered_video_encoder
+from media_server.http.state import SESSIONS
+from media_server.media.tracks import OutputTrack
+from media_server.cli.bench.video import avatar_frames, encode_frames, mean_psnr
+from media_server.media.webrtc import RenderedVideoVp8Encoder, use_rendered_video_encoder
 
 
 def test_rendered_frames_come_back_sharper_than_with_a_cameras_settings_at_the_same_bitrate(runtime) -> None:
@@ -29,7 +29,7 @@ async def test_a_session_sends_its_video_through_the_rendered_frames_encoder(cli
             break
         await asyncio.sleep(0.05)
     assert client.recording.video, "no video frame decoded"
-    session = server_app[SESSIONS][client.session_id]
+    session = server_app[SESSIONS].talks[client.session_id]
     sender = next(t.sender for t in session.pc.getTransceivers() if t.kind == "video")
     assert isinstance(sender._RTCRtpSender__encoder, RenderedVideoVp8Encoder)
 

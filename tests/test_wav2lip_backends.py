@@ -19,7 +19,7 @@ from engines.lipsync.wav2lip.calibration import (
     speech_mel_windows,
 )
 from engines.lipsync.wav2lip.model import Wav2LipGenerator, deterministic_state_dict
-from media_server.speech_corpus import espeak_16k
+from media_server.testing.speech_corpus import espeak_16k
 
 FIXTURES = Path(__file__).parent / "fixtures" / "wav2lip"
 INT8_MIN_PSNR_DB = 40.0  # measured 47.3 dB with the conformance weights

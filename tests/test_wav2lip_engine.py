@@ -25,14 +25,15 @@ from engines.lipsync.warp import WarpLipSyncStream
 from engines.lipsync.wav2lip.engine import FADE_FRAMES, Wav2LipStream, Wav2LipSync
 from engines.registry import create_engine
 from engines.lipsync.wav2lip.model import deterministic_state_dict
-from media_server.app import SESSIONS, create_app
+from media_server.http.app import create_app
+from media_server.http.state import SESSIONS
 from engines.audio import resample
-from media_server.avatars_cli import add_avatar
+from media_server.cli.avatars import add_avatar
 from media_server.config import load_settings
-from media_server.loopback_client import THUMBNAIL, LoopbackClient
-from media_server.models_cli import ModelFetchError, fetch_file
+from media_server.testing.loopback_client import THUMBNAIL, LoopbackClient
+from media_server.cli.models import ModelFetchError, fetch_file
 from media_server.runtime import Runtime
-from media_server.speech_corpus import espeak
+from media_server.testing.speech_corpus import espeak
 from tests.test_avatars_cli import write_video
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wav2lip"
@@ -264,7 +265,7 @@ async def wav2lip_server(checkpoint: Path) -> AsyncIterator[tuple[str, Runtime]]
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", runtime
-    for session in list(app[SESSIONS].values()):
+    for session in list(app[SESSIONS].talks.values()):
         await session.close()
     await runner.cleanup()
     runtime.engines.close()

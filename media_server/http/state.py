@@ -1,0 +1,19 @@
+"""What the HTTP handlers share, as the application's keys."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from media_server.http.limits import OfferLimiter
+from media_server.metrics import ServerMetrics
+from media_server.runtime import Runtime
+from media_server.sessions.registry import SessionRegistry
+
+RUNTIME = web.AppKey("runtime", Runtime)
+SESSIONS = web.AppKey("sessions", SessionRegistry)
+METRICS = web.AppKey("metrics", ServerMetrics)
+OFFER_LIMITER = web.AppKey("offer_limiter", OfferLimiter)
+ON_DEMAND_START = web.AppKey("on_demand_start", asyncio.Lock)  # held while the default broadcast starts
+AVATAR_MASKS = web.AppKey("avatar_masks", dict)  # avatar name -> PNG bytes of its cut-out

@@ -1,0 +1,58 @@
+"""A conversation and its avatar output without a session or a peer: what the tests drive directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engines.avatar import Avatar
+from engines.base import EngineSet, Persona
+from media_server.config import Settings
+from media_server.conversation.conversation import Conversation
+from media_server.conversation.events import Event
+from media_server.media.timeline import AvatarOutput
+from media_server.metrics import ServerMetrics
+
+SECTIONS = ("turn_taking", "reply", "memory", "echo", "deadlines", "media")
+
+
+def settings_with(settings: Settings, **changes: object) -> Settings:
+    """``settings`` with each change made in the section that has that key (e.g. ``speak_ahead_s=1.0``)."""
+    updates: dict[str, object] = {}
+    for key, value in changes.items():
+        section = next(name for name in SECTIONS if key in type(getattr(settings, name)).model_fields)
+        current = updates.get(section, getattr(settings, section))
+        updates[section] = current.model_copy(update={key: value})  # type: ignore[attr-defined]
+    return settings.model_copy(update=updates)
+
+
+@dataclass
+class BareConversation:
+    conversation: Conversation
+    output: AvatarOutput
+    events: list[dict[str, object]] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.conversation.close()
+        self.output.close()
+
+
+def bare_conversation(
+    settings: Settings, engines: EngineSet, avatar: Avatar, persona: Persona, voice: str
+) -> BareConversation:
+    """A conversation whose events are kept as the JSON objects a client would receive."""
+    output = AvatarOutput(engines.lipsync, avatar, settings.media, "test")
+    events: list[dict[str, object]] = []
+
+    def keep(event: Event) -> None:
+        events.append(event.to_dict())
+
+    conversation = Conversation(
+        engines=engines,
+        settings=settings,
+        persona=persona,
+        voice=voice,
+        output=output,
+        metrics=ServerMetrics(),
+        emit=keep,
+    )
+    return BareConversation(conversation, output, events)
