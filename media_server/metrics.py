@@ -38,6 +38,11 @@ class ServerMetrics:
         self.frames_sent = Counter("facecast_frames_sent", "Video frames sent", registry=self.registry)
         self.frames_dropped = Counter("facecast_frames_dropped", "Frames dropped by a stalled consumer", registry=self.registry)
         self.late_ticks = Counter("facecast_late_ticks", "Output ticks that ran late", registry=self.registry)
+        self.echo_windows = Counter(
+            "facecast_echo_windows_ignored",
+            "Microphone windows ignored as the avatar's own voice heard back through the client's speakers",
+            registry=self.registry,
+        )
         self.errors = Counter("facecast_session_errors", "Errors reported to sessions", ["code"], registry=self.registry)
 
     def render(self) -> bytes:

@@ -71,7 +71,7 @@ class Conversation:
         self.history: list[ChatMessage] = []
         self.last_client_activity = time.monotonic()
         self.listener = Listener(
-            engines.vad, settings.turn_taking, settings.echo, self._on_turn_event, self._avatar_busy
+            engines.vad, settings, metrics, on_turn_event=self._on_turn_event, avatar_busy=self._avatar_busy
         )
         self.replier = Replier(engines.llm, engines.tts, voice, output, settings.reply, settings.deadlines, self._send)
         self._turn_ids = itertools.count(1)
@@ -80,7 +80,6 @@ class Conversation:
         self._partial_task: asyncio.Task[None] | None = None
         self._llm_preparation: asyncio.Future[None] | None = None
         self._avatar_paused_at: float | None = None
-        self.speculative_dropped = 0
         output.add_playback_listener(self._on_playback)
         output.add_sent_audio_listener(self.listener.avatar_played)
 
@@ -167,7 +166,7 @@ class Conversation:
             self._turn_task = None
             self._turn = None
             self.output.discard(turn.id)
-            self.speculative_dropped += 1
+            self.metrics.turns.labels("speculative_dropped").inc()
 
     def _confirm(self, turn: Turn) -> None:
         turn.confirm(self._emit)
@@ -329,11 +328,13 @@ class Conversation:
         self.metrics.errors.labels(error.code).inc()
         self._emit(error)
 
-    def close(self) -> None:
-        self._cancel_partials()
-        if self._turn_task is not None:
-            self._turn_task.cancel()
-            self._turn_task = None
+    async def close(self) -> None:
+        """Cancel the turn in progress and wait until it has stopped (before the output it uses is closed)."""
+        tasks = [task for task in (self._partial_task, self._turn_task) if task is not None]
+        self._partial_task = self._turn_task = None
         if self._turn is not None:
             self._turn.settle(Error("session_closed", "the session was closed"))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.output.clear()

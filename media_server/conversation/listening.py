@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from engines.base import ASREngine, VADEngine
-from media_server.config import EchoSettings, TurnTakingSettings
+from media_server.config import Settings
 from media_server.conversation.echo_guard import EchoGuard
 from media_server.conversation.turn_policy import TurnEvent, TurnPolicy
+from media_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 MIN_PARTIAL_SECONDS = 0.6
@@ -26,23 +27,25 @@ class Listener:
     def __init__(
         self,
         vad: VADEngine,
-        settings: TurnTakingSettings,
-        echo: EchoSettings,
+        settings: Settings,
+        metrics: ServerMetrics,
+        *,
         on_turn_event: Callable[[TurnEvent], None],
         avatar_busy: Callable[[], bool],
     ) -> None:
-        self.settings = settings
+        self.settings = settings.turn_taking
+        self.metrics = metrics
         self.window_samples = vad.window_samples
         self.window_s = vad.window_samples / vad.sample_rate
         self._vad = vad.open_stream()
-        self._policy = TurnPolicy(settings, self.window_s)
+        self._policy = TurnPolicy(self.settings, self.window_s)
         self._on_turn_event = on_turn_event
         self._avatar_busy = avatar_busy
-        self._pre_roll: deque[np.ndarray] = deque(maxlen=max(1, int(settings.pre_roll_ms / 1000 / self.window_s)))
+        self._pre_roll: deque[np.ndarray] = deque(maxlen=max(1, int(self.settings.pre_roll_ms / 1000 / self.window_s)))
         self._utterance: list[np.ndarray] = []
         self.audio_time = 0.0  # seconds of microphone audio heard so far
+        echo = settings.echo
         self.echo_guard = EchoGuard(vad.sample_rate, threshold=echo.correlation) if echo.guard else None
-        self.echo_windows = 0
 
     def on_window(self, window: np.ndarray, captured_until: float) -> None:
         """One VAD window of 16 kHz microphone audio, whose last sample was captured at ``captured_until``."""
@@ -51,7 +54,7 @@ class Listener:
             self.echo_guard.heard(window, captured_until)
             if probability >= self.settings.vad_threshold and self.echo_guard.is_echo():
                 probability = 0.0  # the avatar hearing itself through the client's speakers
-                self.echo_windows += 1
+                self.metrics.echo_windows.inc()
         window_start = self.audio_time
         self.audio_time += self.window_s
         if self._policy.user_speaking:

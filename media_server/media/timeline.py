@@ -107,6 +107,7 @@ class AvatarOutput:
         self._pending_pcm = np.zeros(0, dtype=np.int16)  # audio not yet a whole 20 ms packet
         self._audio_samples_sent = 0
         self._opus = OpusEncoder(media.sample_rate)
+        self._closed = False
 
     # --- listeners -------------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ class AvatarOutput:
     def discard(self, turn: int) -> None:
         """Forget a held turn: its frames, and the audio the stream still holds for it."""
         self._held.pop(turn, None)
-        self._executor.submit(self._stream.clear)
+        self._clear_stream()
 
     def clear(self) -> None:
         """Barge-in: drop every queued and held frame, and what the lip-sync stream has not rendered yet."""
@@ -165,7 +166,12 @@ class AvatarOutput:
         self._held.clear()
         self._playing_turn = None
         self.paused = False
-        self._executor.submit(self._stream.clear)
+        self._clear_stream()
+
+    def _clear_stream(self) -> None:
+        """After whatever the stream's thread is rendering now: a render already running is not cut short."""
+        if not self._closed:
+            self._executor.submit(self._stream.clear)
 
     def pause(self) -> None:
         """Hold speech where it is (idle frames and silence play meanwhile) until resume() or clear()."""
@@ -277,6 +283,7 @@ class AvatarOutput:
             self._audio_samples_sent += packet
 
     def close(self) -> None:
+        self._closed = True
         self.audio.stop()
         self.video.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)

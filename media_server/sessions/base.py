@@ -114,7 +114,7 @@ class MediaSession(ABC):
         if self.closed:
             return
         self.closed = True
-        self.conversation.close()
+        await self.conversation.close()
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:

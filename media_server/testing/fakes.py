@@ -84,6 +84,7 @@ class ScriptedLLM(LLMEngine):
         self.prepared: list[str] = []
         self.cancelled_seen = threading.Event()
         self.failure: Exception | None = None
+        self.written = 0  # deltas of the last reply taken by the consumer
 
     def release(self, deltas: int = 1) -> None:
         for _ in range(deltas):
@@ -95,28 +96,35 @@ class ScriptedLLM(LLMEngine):
         self.asked.append(list(history))
         if self.failure is not None:
             raise self.failure
-        for delta in self.deltas:
-            while self.gated and not self._gate.acquire(timeout=0.01):
+        self.written = 0
+        try:
+            for delta in self.deltas:
+                while self.gated and not self._gate.acquire(timeout=0.01):
+                    if cancelled():
+                        return
                 if cancelled():
-                    self.cancelled_seen.set()
                     return
-            if cancelled():
+                yield delta
+                self.written += 1
+        finally:  # cancelled, closed by the consumer, or done
+            if self.written < len(self.deltas):
                 self.cancelled_seen.set()
-                return
-            yield delta
 
     def prepare(self, persona: Persona, history: Sequence[ChatMessage] = (), question_so_far: str = "") -> None:
         self.prepared.append(question_so_far)
 
 
 class ToneTTS(TTSEngine):
-    """A tone per text, ``seconds_per_word`` long per word, in pieces of ``piece_s`` (like a streaming voice)."""
+    """A tone per text, ``seconds_per_word`` long per word, in pieces of ``piece_s`` (like a streaming voice).
+    ``hold`` (cleared) makes every text wait before its first piece until it is set."""
 
     sample_rate = 16000
 
     def __init__(self, seconds_per_word: float = 0.1, piece_s: float = 0.2) -> None:
         self.seconds_per_word, self.piece_s = seconds_per_word, piece_s
         self.spoken: list[tuple[str, float]] = []
+        self.hold = threading.Event()
+        self.hold.set()
 
     @property
     def voices(self) -> list[str]:
@@ -128,6 +136,7 @@ class ToneTTS(TTSEngine):
 
     def synthesize(self, text: str, voice: str, speed: float = 1.0) -> Iterator[SpeechChunk]:
         self.spoken.append((text, speed))
+        self.hold.wait()
         samples = int(len(text.split()) * self.seconds_per_word / speed * self.sample_rate)
         tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(samples) / self.sample_rate)).astype(np.float32)
         piece = int(self.piece_s * self.sample_rate)

@@ -31,8 +31,8 @@ class BareConversation:
     output: AvatarOutput
     events: list[dict[str, object]] = field(default_factory=list)
 
-    def close(self) -> None:
-        self.conversation.close()
+    async def close(self) -> None:
+        await self.conversation.close()
         self.output.close()
 
 
