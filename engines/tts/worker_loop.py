@@ -40,8 +40,9 @@ import numpy as np
 # A sentence ends at . ! ? or … (optionally followed by a closing quote or bracket) before
 # whitespace, or at a line break.
 _SENTENCE_BREAK = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+|\s*\n\s*")
-# A break after one of these is not the end of a sentence ("Dr. Smith").
-_ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|vs|e\.g|i\.e)\.$", re.IGNORECASE)
+# A break after one of these is not the end of a sentence: "Dr. Smith", and a single letter or
+# digit ("J. K. Rowling", "e.g. this", German "z. B." and "am 3. Mai").
+_ABBREVIATION = re.compile(r"\b(?:\w|Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|vs)\.$", re.IGNORECASE)
 
 Timing = tuple[str, float, float]
 
