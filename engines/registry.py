@@ -1,7 +1,7 @@
 """Engines are chosen by name in the configuration; this is the only place names map to modules.
 
 Implementations are imported lazily, so the server never imports one it does not use
-(and never imports a GPL one at all: the piper engine runs its model in a worker process).
+(and never imports a GPL one at all: the piper and espeak engines run theirs in worker processes).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "vad": {"silero": "engines.vad.silero:SileroVAD"},
     "asr": {"faster-whisper": "engines.asr.faster_whisper:FasterWhisperASR"},
     "llm": {"llama-cpp": "engines.llm.llama_cpp:LlamaCppLLM"},
-    "tts": {"piper": "engines.tts.piper.engine:PiperTTS"},
+    "tts": {"piper": "engines.tts.piper.engine:PiperTTS", "espeak": "engines.tts.espeak.engine:EspeakTTS"},
     "lipsync": {
         "warp": "engines.lipsync.warp:WarpLipSync",
         "wav2lip": "engines.lipsync.wav2lip.engine:Wav2LipSync",

@@ -2,45 +2,27 @@
 
 piper-tts is GPL-3.0 and Facecast is Apache-2.0, so piper never runs in the server
 process: ``engines.tts.piper.engine`` starts this module as
-``python -m engines.tts.piper.worker CONFIG_JSON`` and talks to it over pipes.
+``python -m engines.tts.piper.worker CONFIG_JSON`` and talks to it over pipes
+(the protocol is in ``engines.tts.worker_loop``).
 CONFIG_JSON is ``{"voices": {name: onnx_path}, "length_scale": float, "onnx_threads": int,
 "stream_sentences": bool}`` (false: each of espeak's clauses decoded whole, in one chunk).
+Its ready message is ``{"event": "ready", "voices": {"joe": {"sample_rate": 22050,
+"phoneme_timings": true, "streams": true}}}``.
 
-Protocol. Requests arrive on stdin, one JSON object a line:
-
-    {"op": "synthesize", "id": 7, "text": "...", "voice": "joe", "speed": 1.0}   # speed: > 1 faster
-    {"op": "abort", "id": 7}       # stop request 7 after the piece being synthesised
-
-Replies go to stdout, each a JSON header line, a chunk's header followed by its audio
-as ``samples`` little-endian float32 values:
-
-    {"event": "ready", "voices": {"joe": {"sample_rate": 22050, "phoneme_timings": true}}}  # once loaded
-    {"event": "chunk", "id": 7, "text": "<the sentence>", "starts_sentence": true, "sample_rate": 22050,
-     "samples": N, "phonemes": [[phoneme, start_s, end_s], ...] | null}
-    {"event": "done", "id": 7}                        # also after an abort
-    {"event": "error", "id": 7, "message": "..."}
-
-Requests are served one at a time, in order. A sentence comes in several chunks, each
-carrying the sentence's text: the voice's model is cut in front of its decoder
+A sentence comes in several chunks: the voice's model is cut in front of its decoder
 (``engines.tts.piper.vits_streaming``), and the first ~0.28 s of a sentence is sent as soon as it is
 decoded, then windows twice as long as the one before. Phoneme timings (seconds from the
 chunk's start) come from the model's duration tensor; they are piper's phonemes (NFD
 codepoints, stress marks included), "^" and "$" marking the leading and trailing silence.
-The worker exits when stdin closes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import queue
-import re
 import sys
-import threading
-import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import onnx
@@ -49,47 +31,7 @@ from piper.config import PiperConfig
 from piper.const import BOS, EOS, PAD
 
 from engines.tts.piper.vits_streaming import FIRST_WINDOW_FRAMES, open_vits, windows
-
-# A sentence ends at . ! ? or … (optionally followed by a closing quote or bracket) before
-# whitespace, or at a line break.
-_SENTENCE_BREAK = re.compile(r"(?:(?<=[.!?…])|(?<=[.!?…][\"'”’)\]]))\s+|\s*\n\s*")
-# A break after one of these is not the end of a sentence ("Dr. Smith").
-_ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|vs|e\.g|i\.e)\.$", re.IGNORECASE)
-
-Timing = tuple[str, float, float]
-
-
-class _Aborts:
-    """Ids of requests the server gave up on; written by the stdin reader, read between sentences."""
-
-    def __init__(self) -> None:
-        self._ids: set[int] = set()
-        self._lock = threading.Lock()
-
-    def add(self, request_id: int) -> None:
-        with self._lock:
-            self._ids.add(request_id)
-
-    def contains(self, request_id: int) -> bool:
-        with self._lock:
-            return request_id in self._ids
-
-    def forget_before(self, request_id: int) -> None:
-        """Request ids only grow, so aborts of earlier requests can no longer matter."""
-        with self._lock:
-            self._ids = {i for i in self._ids if i >= request_id}
-
-
-def split_sentences(text: str) -> list[str]:
-    sentences: list[str] = []
-    for part in _SENTENCE_BREAK.split(text):
-        if not (sentence := part.strip()):
-            continue
-        if sentences and _ABBREVIATION.search(sentences[-1]):
-            sentences[-1] += " " + sentence
-        else:
-            sentences.append(sentence)
-    return sentences
+from engines.tts.worker_loop import Piece, Speak, Timing, claim_stdout, serve_forever, split_sentences
 
 
 def phoneme_timings(
@@ -181,60 +123,16 @@ class Speaker:
         return feeds
 
 
-def write_message(out: BinaryIO, message: dict[str, Any], payload: bytes = b"") -> None:
-    out.write(json.dumps(message).encode("utf-8") + b"\n" + payload)
-    out.flush()
+def speaking(speakers: Mapping[str, Speaker]) -> Speak:
+    """Each sentence of a text, piece by piece, in the named voice."""
 
+    def speak(text: str, voice: str, speed: float) -> Iterator[Piece]:
+        speaker = speakers[voice]
+        for sentence in split_sentences(text):
+            for index, (audio, timings) in enumerate(speaker.pieces(sentence, speed)):
+                yield Piece(sentence, index == 0, audio, speaker.config.sample_rate, timings)
 
-def speech(speaker: Speaker, text: str, speed: float) -> Iterator[tuple[str, bool, np.ndarray, list[Timing] | None]]:
-    """(sentence, whether this piece starts it, audio, phoneme timings) for each piece of ``text``."""
-    for sentence in split_sentences(text):
-        for index, (audio, timings) in enumerate(speaker.pieces(sentence, speed)):
-            yield sentence, index == 0, audio, timings
-
-
-def serve(request: dict[str, Any], speakers: dict[str, Speaker], aborts: _Aborts, out: BinaryIO) -> None:
-    request_id = request["id"]
-    aborts.forget_before(request_id)
-    try:
-        speaker = speakers[request["voice"]]
-        for sentence, starts_sentence, audio, timings in speech(speaker, request["text"], request.get("speed", 1.0)):
-            if aborts.contains(request_id):
-                break
-            header = {
-                "event": "chunk",
-                "id": request_id,
-                "text": sentence,
-                "starts_sentence": starts_sentence,
-                "sample_rate": speaker.config.sample_rate,
-                "samples": len(audio),
-                "phonemes": timings,
-            }
-            write_message(out, header, audio.tobytes())
-    except Exception as error:  # one bad request must not take the worker down
-        traceback.print_exc()
-        write_message(out, {"event": "error", "id": request_id, "message": f"{type(error).__name__}: {error}"})
-        return
-    write_message(out, {"event": "done", "id": request_id})
-
-
-def read_requests(source: BinaryIO, requests: queue.SimpleQueue[dict[str, Any] | None], aborts: _Aborts) -> None:
-    """Runs beside synthesis so an abort is seen while a request is still being served."""
-    for line in source:
-        request = json.loads(line)
-        if request["op"] == "abort":
-            aborts.add(request["id"])
-        else:
-            requests.put(request)
-    requests.put(None)
-
-
-def claim_stdout() -> BinaryIO:
-    """Keep fd 1 for the protocol alone: anything else printing to stdout (espeak, onnxruntime) goes to stderr."""
-    protocol = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return protocol
+    return speak
 
 
 def main(argv: list[str]) -> int:
@@ -245,13 +143,7 @@ def main(argv: list[str]) -> int:
         name: Speaker(path, config["onnx_threads"], config["length_scale"], first_window)
         for name, path in config["voices"].items()
     }
-    write_message(out, {"event": "ready", "voices": {name: s.describe() for name, s in speakers.items()}})
-
-    requests: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
-    aborts = _Aborts()
-    threading.Thread(target=read_requests, args=(sys.stdin.buffer, requests, aborts), daemon=True).start()
-    while (request := requests.get()) is not None:
-        serve(request, speakers, aborts, out)
+    serve_forever(out, {"voices": {name: s.describe() for name, s in speakers.items()}}, speaking(speakers))
     return 0
 
 
