@@ -21,7 +21,13 @@ MAX_TEST_SESSIONS = 3
 
 @pytest.fixture(scope="session")
 def runtime() -> Runtime:
-    settings = load_settings(None, {"server.max_sessions": str(MAX_TEST_SESSIONS), "server.client_timeout_s": "4"}, environ={})
+    overrides = {
+        "server.max_sessions": str(MAX_TEST_SESSIONS),
+        "server.client_timeout_s": "4",
+        "server.offers_per_minute": "0",  # every test connects from 127.0.0.1: the limit is tested on its own
+        "tts.reply_timeout_s": "2",
+    }
+    settings = load_settings(None, overrides, environ={})
     loaded = Runtime.load(settings)
     yield loaded
     loaded.engines.close()

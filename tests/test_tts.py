@@ -196,6 +196,25 @@ def test_a_dead_worker_fails_its_request_and_is_restarted(engine: PiperTTS) -> N
     assert engine.worker_pids != [old_pid]
 
 
+def test_a_hung_worker_fails_its_request_by_the_deadline_and_its_spare_serves_the_next_at_once() -> None:
+    tts = PiperTTS(PiperTTS.Settings(reply_timeout_s=1.0))
+    try:
+        [hung_pid] = tts.worker_pids
+        stream = tts.synthesize(" ".join(LONG_STORY), "joe")
+        next(stream)
+        os.kill(hung_pid, signal.SIGSTOP)  # alive, holding its pipe, answering nothing
+        started = time.monotonic()
+        with pytest.raises(PiperWorkerError, match=r"sent nothing for 1 s \(tts.reply_timeout_s\); it was replaced"):
+            list(stream)
+        assert time.monotonic() - started < 1.0 + 3.0
+        assert not Path(f"/proc/{hung_pid}").exists() or "Z" in Path(f"/proc/{hung_pid}/stat").read_text().split()[2]
+        # The next request goes to the warm spare: it needs no model loading.
+        assert texts(list(tts.synthesize(" ".join(TWO_SENTENCES), "joe"))) == TWO_SENTENCES
+        assert tts.worker_pids != [hung_pid]
+    finally:
+        tts.close()
+
+
 def test_extra_voices_are_available_by_name(engine: PiperTTS) -> None:
     assert engine.voices == ["joe", "joe-copy"]
     assert engine.default_voice == "joe"

@@ -8,6 +8,10 @@ and a worker that died is started again for the next request.
 
 Replies are routed by request id, so chunks of an abandoned request (closed iterator on
 barge-in) are dropped and never reach a later request.
+
+A worker that has work and sends nothing for ``reply_timeout_s`` is hung (stopped, deadlocked):
+it is killed, its requests fail with an error saying so, and a warm spare takes its place at once,
+so one stuck worker never silences every session it serves.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import itertools
 import json
 import logging
 import os
+import queue
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,11 +33,21 @@ from queue import SimpleQueue
 from typing import IO, Any
 
 import numpy as np
+from pydantic import Field
 
 from engines import PROJECT_ROOT
-from engines.base import PhonemeTiming, SpeechChunk
+from engines.base import EngineSettings, PhonemeTiming, SpeechChunk
 
 logger = logging.getLogger(__name__)
+POLL_S = 0.25  # how often a waiting request checks whether its worker is still making progress
+
+
+class WorkerSettings(EngineSettings):
+    """What every engine run in worker processes is configured with."""
+
+    workers: int = Field(1, ge=1, description="worker processes serving requests")
+    spare_workers: int = Field(1, ge=0, le=1, description="a started worker waiting to replace one that dies")
+    reply_timeout_s: float = Field(8.0, gt=0, description="a worker with work that sends nothing this long is hung")
 
 
 class TTSWorkerError(RuntimeError):
@@ -102,6 +118,8 @@ class WorkerProcess:
         )
         self._lock = threading.Lock()
         self._pending: dict[int, SimpleQueue[_Reply]] = {}
+        self._progress_at = time.monotonic()  # its last reply, or when it was last given work while idle
+        self._kill_reason: str | None = None
         self._exit_message: str | None = None
         self._stderr_tail: deque[str] = deque(maxlen=20)
         self._stderr_thread = threading.Thread(target=self._pump_stderr, daemon=True)
@@ -141,6 +159,8 @@ class WorkerProcess:
         with self._lock:
             if self._exit_message is not None:
                 raise self.kind.error(self._exit_message)
+            if not self._pending:
+                self._progress_at = time.monotonic()
             self._pending[request_id] = replies
             self._send({"op": "synthesize", "id": request_id, "text": text, "voice": voice, "speed": speed})
         return replies
@@ -150,6 +170,18 @@ class WorkerProcess:
         with self._lock:
             if self._pending.pop(request_id, None) is not None:
                 self._send({"op": "abort", "id": request_id})
+
+    def stalled_for(self) -> float:
+        """Seconds the worker has had work without sending anything (0 when it has none)."""
+        with self._lock:
+            return time.monotonic() - self._progress_at if self._pending else 0.0
+
+    def kill(self, reason: str) -> None:
+        """Stop a hung worker at once; its requests then fail with ``reason``."""
+        with self._lock:
+            self._kill_reason = self._kill_reason or reason
+        logger.warning("killing %s worker %d: %s", self.kind.label, self.pid, reason)
+        self._process.kill()
 
     def close(self) -> None:
         assert self._process.stdin is not None
@@ -175,6 +207,8 @@ class WorkerProcess:
             self._dispatch(*message)
         self._process.wait()
         exit_message = f"the {self.kind.label} worker exited while synthesising: {self._exit_description()}"
+        if self._kill_reason is not None:
+            exit_message = f"the {self.kind.label} worker {self._kill_reason}; it was replaced"
         with self._lock:
             self._exit_message = exit_message
             pending = list(self._pending.values())
@@ -185,6 +219,7 @@ class WorkerProcess:
     def _dispatch(self, header: dict[str, Any], payload: bytes) -> None:
         event, request_id = header["event"], header["id"]
         with self._lock:
+            self._progress_at = time.monotonic()
             replies = self._pending.get(request_id) if event == "chunk" else self._pending.pop(request_id, None)
         if replies is None:
             return  # an aborted request
@@ -212,22 +247,33 @@ class WorkerProcess:
 class SpeechStream(Iterator[SpeechChunk]):
     """One request's chunks in order; closing it abandons the rest."""
 
-    def __init__(self, worker: WorkerProcess, request_id: int, replies: SimpleQueue[_Reply]) -> None:
+    def __init__(
+        self, worker: WorkerProcess, request_id: int, replies: SimpleQueue[_Reply], reply_timeout_s: float
+    ) -> None:
         self._worker = worker
         self._request_id = request_id
         self._replies = replies
+        self._reply_timeout_s = reply_timeout_s
         self._finished = False
 
     def __next__(self) -> SpeechChunk:
         if self._finished:
             raise StopIteration
-        reply = self._replies.get()
+        reply = self._next_reply()
         if isinstance(reply, SpeechChunk):
             return reply
         self._finished = True
         if reply is None:
             raise StopIteration
         raise self._worker.kind.error(reply.message)
+
+    def _next_reply(self) -> _Reply:
+        while True:
+            try:
+                return self._replies.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._worker.stalled_for() > self._reply_timeout_s:
+                    self._worker.kill(f"sent nothing for {self._reply_timeout_s:g} s (tts.reply_timeout_s)")
 
     def close(self) -> None:
         """Barge-in: the worker stops after the piece it is synthesising, and its chunks are dropped."""
@@ -242,19 +288,22 @@ class SpeechStream(Iterator[SpeechChunk]):
 class WorkerPool:
     """Worker processes of one kind, all started with the same configuration."""
 
-    def __init__(self, kind: WorkerKind, config_json: str, workers: int) -> None:
+    def __init__(self, kind: WorkerKind, config_json: str, settings: WorkerSettings) -> None:
         self._kind = kind
         self._config_json = config_json
+        self._settings = settings
         self._request_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._closed = False
-        self._workers = [WorkerProcess(kind, config_json) for _ in range(workers)]
+        self._spare: WorkerProcess | None = None
+        self._workers = [WorkerProcess(kind, config_json) for _ in range(settings.workers)]
         try:
             for worker in self._workers:
                 worker.wait_until_ready()
         except BaseException:
             self.close()
             raise
+        self._start_spare()
 
     @property
     def ready_info(self) -> dict[str, Any]:
@@ -280,8 +329,39 @@ class WorkerPool:
         with self._lock:
             self._closed = True
             workers, self._workers = self._workers, []
+            if self._spare is not None:
+                workers.append(self._spare)
+                self._spare = None
         for worker in workers:
             worker.close()
+
+    def _start_spare(self) -> None:
+        """Start a worker in the background, to take the place of the next one that dies."""
+        if self._settings.spare_workers:
+            threading.Thread(target=self._make_spare, name=f"{self._kind.label}-spare", daemon=True).start()
+
+    def _make_spare(self) -> None:
+        spare = WorkerProcess(self._kind, self._config_json)
+        try:
+            spare.wait_until_ready()
+        except self._kind.error as error:
+            logger.warning("the spare %s worker failed to start: %s", self._kind.label, error)
+            return
+        with self._lock:
+            if not self._closed and self._spare is None:
+                self._spare, spare = spare, None
+        if spare is not None:  # closed meanwhile
+            spare.close()
+
+    def _replacement(self) -> WorkerProcess:
+        """The spare, if one is ready (then another is started), else a worker started now. Holds the lock."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.alive:
+            self._start_spare()
+            return spare
+        worker = WorkerProcess(self._kind, self._config_json)
+        worker.wait_until_ready()
+        return worker
 
     def _submit(self, text: str, voice: str, speed: float, worker: WorkerProcess | None) -> SpeechStream:
         """Send a request to ``worker``, or to the least busy worker (one that died is restarted first)."""
@@ -292,9 +372,9 @@ class WorkerPool:
                 # A dead worker has nothing outstanding, so it is picked, and restarted, first.
                 index = min(range(len(self._workers)), key=lambda i: self._workers[i].outstanding)
                 if not self._workers[index].alive:
-                    logger.warning("restarting %s worker %d, which died", self._kind.label, self._workers[index].pid)
-                    self._workers[index] = WorkerProcess(self._kind, self._config_json)
-                    self._workers[index].wait_until_ready()
+                    logger.warning("replacing %s worker %d, which died", self._kind.label, self._workers[index].pid)
+                    self._workers[index] = self._replacement()
                 worker = self._workers[index]
             request_id = next(self._request_ids)
-            return SpeechStream(worker, request_id, worker.submit(request_id, text, voice, speed))
+            replies = worker.submit(request_id, text, voice, speed)
+            return SpeechStream(worker, request_id, replies, self._settings.reply_timeout_s)

@@ -15,7 +15,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from media_server.http import broadcasts, info, talk, whep
 from media_server.http.access import Access, access_middleware
-from media_server.http.errors import Handler, errors_as_json
+from media_server.http.errors import ApiError, Handler, errors_as_json
 from media_server.http.limits import OfferLimiter
 from media_server.http.state import AVATAR_MASKS, METRICS, OFFER_LIMITER, ON_DEMAND_START, RUNTIME, SESSIONS
 from media_server.metrics import ServerMetrics
@@ -66,6 +66,15 @@ def _page(name: str) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
     return serve
 
 
+async def static_file(request: web.Request) -> web.FileResponse:
+    """A file of the pages (static/); anything else, however its path is spelt, is the JSON 404."""
+    root = request.app[RUNTIME].settings.server.static_dir.resolve()
+    path = (root / request.match_info["path"]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise ApiError(404, "not_found", "no such file")
+    return web.FileResponse(path)
+
+
 def create_app(runtime: Runtime) -> web.Application:
     server = runtime.settings.server
     access: dict[AbstractRoute, Access] = {}
@@ -83,7 +92,7 @@ def create_app(runtime: Runtime) -> web.Application:
         access[app.router.add_route(route.method, route.path, route.handler)] = route.access
     for path, page in PAGES.items():
         app.router.add_get(path, _page(page))
-    app.router.add_static("/static/", server.static_dir)
+    app.router.add_get("/static/{path:.+}", static_file)
     app.on_startup.append(broadcasts.start_configured_broadcast)
     app.on_shutdown.append(lambda app: app[SESSIONS].close_all())
     return app

@@ -50,7 +50,7 @@ def _code(reason: str) -> str:
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The outermost middleware: whatever goes wrong below it, the client gets JSON and a status."""
     try:
-        response = await handler(request)
+        return await handler(request)
     except ApiError as error:
         return error.response()
     except web.HTTPRequestEntityTooLarge:
@@ -62,10 +62,6 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "internal", "internal server error; the server log has the details")
-    if response.status >= 400 and response.content_type != "application/json" and not response.prepared:
-        # aiohttp's own refusals (the static files' 403/404) come back as bodies of their own.
-        return json_error(response.status, _code(response.reason or "error"), response.reason or "error")
-    return response
 
 
 async def json_body(request: web.Request, *, optional: bool = False) -> dict[str, object]:

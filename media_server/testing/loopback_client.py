@@ -19,7 +19,7 @@ import aiohttp
 import av
 import cv2
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engines.audio import resample
@@ -198,7 +198,7 @@ class LoopbackClient:
         self.keep_video = keep_video
         self.echo_gain = echo_gain
         self.echo_delay_s = echo_delay_s
-        self.pc = RTCPeerConnection()
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates: no outbound STUN
         self.microphone = MicrophoneTrack()
         self.recording = Recording()
         self.events: list[tuple[float, dict]] = []

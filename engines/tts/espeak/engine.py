@@ -23,9 +23,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from engines.base import EngineConfigError, EngineSettings, SpeechChunk, TTSEngine
+from engines.base import EngineConfigError, SpeechChunk, TTSEngine
 from engines.embedded_models import ModelNotInstalledError, package_dir
-from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool
+from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings
 
 LOADER_PACKAGE = "espeakng_loader"
 LOADER_DISTRIBUTION = "espeakng-loader"
@@ -110,7 +110,7 @@ def best_voice(language: str, voice_languages: Mapping[str, Sequence[tuple[str, 
 
 
 class EspeakTTS(TTSEngine):
-    class Settings(EngineSettings):
+    class Settings(WorkerSettings):
         voices: list[str] = Field(
             default_factory=lambda: list(DEFAULT_VOICES),
             description="espeak-ng voice names or language tags (de, fr, en-us, pt-br, zh, de+f3)",
@@ -120,7 +120,6 @@ class EspeakTTS(TTSEngine):
         library: Literal["auto", "package", "system"] = Field(
             "auto", description=f"package: PyPI's {LOADER_DISTRIBUTION}; system: the system's libespeak-ng"
         )
-        workers: int = Field(1, ge=1, description="worker processes")
 
         @field_validator("voices")
         @classmethod
@@ -140,7 +139,7 @@ class EspeakTTS(TTSEngine):
             "voices": self._voices,
             "words_per_minute": settings.words_per_minute,
         }
-        self._workers = WorkerPool(WORKER, json.dumps(worker_config), settings.workers)
+        self._workers = WorkerPool(WORKER, json.dumps(worker_config), settings)
         self._loaded = self._workers.ready_info
         if self._loaded["unknown_voices"]:
             self._workers.close()

