@@ -7,9 +7,10 @@
 //   captions=1          the avatar's words over the picture
 //
 // A photo has no green screen to key, so for green and transparent the server cuts the person out of
-// the avatar once (GET /api/avatars/{name}/mask.png, see media_server/segmentation.py) and this page
-// applies that mask to every video frame on a canvas. The page reconnects by itself, with back-off,
-// when the broadcast is not there yet, has ended, or the server restarts.
+// the avatar once (GET /api/avatars/{name}/mask.png, see media_server/media/segmentation.py) and this page
+// applies that mask to every video frame on a canvas. The server's default broadcast starts by itself for
+// this page. The page reconnects by itself, with back-off, when the broadcast is not there, has ended, or
+// the server restarts, and says why in words meanwhile.
 import { FacecastClient, Reconnector, fetchOptions } from "./facecast.js";
 
 const BACKGROUNDS = ["avatar", "green", "transparent"];
@@ -23,6 +24,7 @@ const captionsOn = params.get("captions") === "1";
 const video = document.querySelector('[data-testid="avatar-video"]');
 const canvas = document.querySelector('[data-testid="avatar-canvas"]');
 const captions = document.querySelector('[data-testid="captions"]');
+const status = document.querySelector('[data-testid="status"]');
 const context = canvas.getContext("2d");
 
 let client = null;
@@ -83,6 +85,11 @@ function onState(state) {
 
 // --- the connection ----------------------------------------------------------------------------
 
+function showStatus(text) {
+  status.textContent = text;
+  status.hidden = !text;
+}
+
 function play() {
   video.muted = false;
   video.play().catch((error) => {
@@ -121,11 +128,16 @@ async function connect() {
     throw error;
   }
   document.body.dataset.obs = "live";
+  showStatus("");
 }
 
 const reconnector = new Reconnector(connect, {
   maxDelayMs: 10000,
-  onWait: ({ error }) => error && console.warn(`Facecast: ${error.message}; retrying`),
+  onWait: ({ error, waitMs }) => {
+    if (!error) return;
+    console.warn(`Facecast: ${error.message}; retrying`);
+    showStatus(`The avatar cannot be shown: ${error.message}. Trying again in ${Math.ceil(waitMs / 1000)} s.`);
+  },
 });
 
 document.body.dataset.bg = background;

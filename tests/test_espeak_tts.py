@@ -19,7 +19,7 @@ from engines.base import EngineConfigError, SpeechChunk
 from engines.registry import create_engine
 from engines.tts.espeak.engine import EspeakTTS, EspeakWorkerError, best_voice
 from engines.tts.espeak.worker import split_clauses
-from media_server.speech_corpus import word_error_rate
+from media_server.testing.speech_corpus import word_error_rate
 
 TWO_SENTENCES = ["Guten Morgen, wie geht es dir?", "Mir geht es gut."]
 # Sentences the embedded Whisper base hears well from espeak-ng (it misses words in many others).
@@ -126,7 +126,7 @@ def test_a_killed_worker_is_reported_and_replaced(engine: EspeakTTS, caplog: pyt
     with caplog.at_level(logging.WARNING):
         assert texts(list(engine.synthesize(" ".join(TWO_SENTENCES), "de"))) == TWO_SENTENCES
     assert engine.worker_pids != [old_pid]
-    assert f"restarting espeak-ng worker {old_pid}, which died" in caplog.text
+    assert f"replacing espeak-ng worker {old_pid}, which died" in caplog.text
 
 
 def test_an_unknown_voice_names_the_configured_ones(engine: EspeakTTS) -> None:

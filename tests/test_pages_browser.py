@@ -150,6 +150,32 @@ async def test_obs_transparent_background(broadcast, context):
     assert shot[int(0.4 * shot.shape[0]), shot.shape[1] // 2, 3] == 255  # the face
 
 
+async def test_obs_with_no_broadcast_starts_the_default_one_and_shows_the_avatar(context, server):
+    status, listed = await api(server, "GET", "/api/sessions")
+    assert status == 200 and listed["sessions"] == []
+    page = await context.new_page()
+    problems = PageProblems(page)
+    await page.goto("/obs")
+    await expect(page.locator("body")).to_have_attribute("data-obs", "live", timeout=20_000)
+    await expect(page.get_by_test_id("status")).to_be_hidden()
+    status, described = await api(server, "GET", "/api/sessions/main")
+    assert status == 200 and described["viewers"] == 1
+    status, _ = await api(server, "POST", "/api/sessions/main/say", json={"text": "The default broadcast is live."})
+    assert status == 202
+    await expect(page.locator("body")).to_have_attribute("data-state", "speaking", timeout=20_000)
+    await page.close()
+    assert problems.errors == []
+    await api(server, "DELETE", "/api/sessions/main")  # it would stop by itself once unwatched, a while later
+
+
+async def test_obs_says_in_words_why_a_broadcast_cannot_be_shown(context):
+    page = await context.new_page()
+    await page.goto("/obs?session=missing")
+    status = page.get_by_test_id("status")
+    await expect(status).to_be_visible(timeout=20_000)
+    await expect(status).to_contain_text("no broadcast session 'missing'; create it with POST /api/sessions")
+
+
 async def test_embed_works_from_an_allowed_origin(context, other_sites):
     page = await context.new_page()
     problems = PageProblems(page)

@@ -510,8 +510,7 @@ class WarpLipSyncStream(LipSyncStream):
         self._motion = _HeadMotion(self._rng, settings.head_motion_px, rig.plans[0].face_height, fps)
         self._segments: deque[_Segment] = deque()
         self._tick = 0
-        self._next_blink = self._blink_gap()
-        self._blink_start: int | None = None
+        self._next_blink = self._blink_gap()  # the tick the next blink starts
         self._openness = 0.0
         self._shape = 0.0
         self._level_db = LEVEL_START_DB
@@ -624,17 +623,17 @@ class WarpLipSyncStream(LipSyncStream):
     # --- idle motion ---
 
     def _blink_gap(self) -> int:
-        return self._tick + int(round(self._rng.uniform(*self.settings.blink_interval_s) * self.fps))
+        return int(round(self._rng.uniform(*self.settings.blink_interval_s) * self.fps))
 
     def _closure(self) -> float:
-        if self._blink_start is None and self._tick >= self._next_blink:
-            self._blink_start = self._tick
-        if self._blink_start is None:
-            return 0.0
-        elapsed = (self._tick - self._blink_start) / self.fps
-        if elapsed > BLINK_TIMES_S[-1]:
-            self._blink_start = None
-            self._next_blink = self._blink_gap()
+        """How closed the eyes are at this tick. Blinks are scheduled on the tick clock, not detected when a
+        frame happens to be rendered, so idle video at a lower frame rate sees the same blinks at the same
+        ticks as at the full rate."""
+        blink_ticks = BLINK_TIMES_S[-1] * self.fps
+        while self._tick - self._next_blink > blink_ticks:  # that blink is over: schedule the next
+            self._next_blink += math.ceil(blink_ticks) + self._blink_gap()
+        elapsed = (self._tick - self._next_blink) / self.fps
+        if elapsed < 0:
             return 0.0
         return float(np.interp(elapsed, BLINK_TIMES_S, BLINK_CLOSURE))
 

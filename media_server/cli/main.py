@@ -96,7 +96,7 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
-BENCHMARKS = {name: f"cli.bench.{name}" for name in ("turn", "lipsync", "llm", "video", "tts", "startup")}
+BENCHMARKS = {name: f"cli.bench.{name}" for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak")}
 
 # Sub-commands that configure their own arguments: name, module, help.
 TOOL_COMMANDS = (
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run these settings on the same questions, for a side-by-side comparison (repeatable)",
     )
     bench.add_argument("--barge-ins", type=int, default=10, help="interruptions to measure")
+    bench.add_argument("--minutes", type=float, default=30.0, help="soak: how long the session talks")
+    bench.add_argument("--every", type=float, default=20.0, help="soak: seconds from one question to the next")
     bench.add_argument(
         "--long-turns",
         type=int,

@@ -80,7 +80,14 @@ def lipsync_pieces(samples: int, rate: int, turn_starts: bool) -> list[tuple[int
 
 
 class AvatarOutput:
-    def __init__(self, lipsync: LipSyncEngine, avatar: Avatar, media: MediaSettings, name: str) -> None:
+    def __init__(
+        self,
+        lipsync: LipSyncEngine,
+        avatar: Avatar,
+        media: MediaSettings,
+        name: str,
+        on_late_tick: Callable[[], None] = lambda: None,
+    ) -> None:
         # One thread for the stream, so it is only ever touched by one thread at a time, in order.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lipsync-{name[:6]}")
         self._stream = lipsync.open_stream(avatar, media.fps, media.sample_rate)
@@ -94,7 +101,7 @@ class AvatarOutput:
         self._frame_listeners: list[FrameListener] = []
         self.tick = 0
         self.frames_sent = 0
-        self.late_ticks = 0
+        self._on_late_tick = on_late_tick
         self.paused = False
         self._queue: deque[QueuedFrame] = deque()
         self._held: dict[int, list[QueuedFrame]] = {}
@@ -223,7 +230,7 @@ class AvatarOutput:
             if delay > 0:
                 await asyncio.sleep(delay)
             elif delay < -1.0 / self.fps:
-                self.late_ticks += 1
+                self._on_late_tick()
             await self.play_tick()
 
     async def play_tick(self) -> None:

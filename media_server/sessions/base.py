@@ -58,7 +58,9 @@ class MediaSession(ABC):
         self._on_closed = on_closed
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: asyncio.Task[None] | None = None
-        self.output = AvatarOutput(setup.engines.lipsync, setup.avatar, setup.settings.media, session_id)
+        self.output = AvatarOutput(
+            setup.engines.lipsync, setup.avatar, setup.settings.media, session_id, setup.metrics.late_ticks.inc
+        )
         self.conversation = Conversation(
             engines=setup.engines,
             settings=setup.settings,
@@ -124,7 +126,6 @@ class MediaSession(ABC):
         self.output.close()
         self.metrics.frames_sent.inc(self.output.frames_sent)
         self.metrics.frames_dropped.inc(self.output.video.dropped + self.output.audio.dropped)
-        self.metrics.late_ticks.inc(self.output.late_ticks)
         self._on_closed(self)
 
     @abstractmethod

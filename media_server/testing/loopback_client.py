@@ -156,6 +156,21 @@ class Recording:
     audio: list[tuple[float, np.ndarray]] = field(default_factory=list)  # (arrival, mono float32 at 48 kHz)
     video: list[ReceivedVideo] = field(default_factory=list)
     last_full_frame: np.ndarray | None = None
+    # (arrival, media time in seconds) of every frame received, kept even when its content is not
+    audio_times: list[tuple[float, float]] = field(default_factory=list)
+    video_times: list[tuple[float, float]] = field(default_factory=list)
+
+    def av_offset_s(self, since: float = 0.0) -> float | None:
+        """How much later than the video the audio of the same instant arrived (median over the video frames
+        received after ``since``), less the same figure at the first frames: 0 while A/V keep in step."""
+        if len(self.audio_times) < 2 or len(self.video_times) < 2:
+            return None
+        audio_arrival, audio_media = np.array(self.audio_times).T
+        video_arrival, video_media = np.array(self.video_times).T
+        audio_media, video_media = audio_media - audio_media[0], video_media - video_media[0]
+        lag = np.interp(video_media, audio_media, audio_arrival) - video_arrival
+        recent = lag[video_arrival >= since]
+        return float(np.median(recent) - np.median(lag[:25])) if recent.size else None
 
     def audio_between(self, start: float, end: float) -> np.ndarray:
         parts = [samples for at, samples in self.audio if start <= at < end]
@@ -187,6 +202,7 @@ class LoopbackClient:
         base_url: str,
         *,
         keep_video: bool = True,
+        keep_audio: bool = True,
         echo_gain: float = 0.0,
         echo_delay_s: float = 0.15,
         microphone: bool = True,
@@ -196,6 +212,7 @@ class LoopbackClient:
         self.sends_microphone = microphone
         self.audio_jitter_buffer_packets = audio_jitter_buffer_packets  # None: aiortc's own (4)
         self.keep_video = keep_video
+        self.keep_audio = keep_audio
         self.echo_gain = echo_gain
         self.echo_delay_s = echo_delay_s
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates: no outbound STUN
@@ -265,14 +282,19 @@ class LoopbackClient:
             while True:
                 frame = await track.recv()
                 now = time.monotonic()
-                if track.kind == "audio":
+                media_time = float(frame.pts * frame.time_base) if frame.pts is not None else now
+                (self.recording.audio_times if track.kind == "audio" else self.recording.video_times).append(
+                    (now, media_time)
+                )
+                if track.kind == "audio" and (self.keep_audio or self.echo_gain):
                     pcm = frame.to_ndarray().astype(np.float32) / 32768.0
                     channels = len(frame.layout.channels)
                     mono = pcm.reshape(-1, channels).mean(axis=1) if channels > 1 else pcm.reshape(-1)
-                    self.recording.audio.append((now, mono))
+                    if self.keep_audio:
+                        self.recording.audio.append((now, mono))
                     if self.echo_gain:
                         self.microphone.leak(mono * self.echo_gain, self.echo_delay_s)
-                elif self.keep_video:
+                elif track.kind == "video" and self.keep_video:
                     image = frame.to_ndarray(format="bgr24")
                     self.recording.last_full_frame = image
                     gray = cv2.cvtColor(cv2.resize(image, (THUMBNAIL, THUMBNAIL)), cv2.COLOR_BGR2GRAY)

@@ -8,26 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
 from engines.base import TTSEngine
 from engines.registry import create_engine
+from media_server.cli.bench.server import ServerProcess, free_ports, quiet_client
 from media_server.config import Settings
-from media_server.testing.loopback_client import LoopbackClient
 from media_server.metrics import STAGES
+from media_server.testing.loopback_client import LoopbackClient
 from media_server.testing.speech_corpus import QUESTIONS, espeak, word_error_rate
 
 IDLE_SESSIONS = 3
@@ -40,63 +34,6 @@ LONG_CONVERSATION_WINDOW = 5  # turns at each end of the long conversation compa
 ESPEAK_VOICES = (("en-us", 140), ("en-gb", 185))
 BARGE_IN_QUIET_S = 0.4  # longer than any pause between the avatar's words
 DEFAULT = "default"
-
-
-@contextlib.contextmanager
-def _free_ports(count: int) -> Iterator[list[int]]:
-    """``count`` different free ports (all probed at once, so no two are the same)."""
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        yield [probe.getsockname()[1] for probe in probes]
-
-
-class ServerProcess:
-    def __init__(self, args: argparse.Namespace, extra_settings: list[str], port: int) -> None:
-        self.port = port
-        command = [sys.executable, "-m", "media_server"]
-        if args.config:
-            command += ["--config", str(args.config)]
-        for pair in [*args.set, *extra_settings]:
-            command += ["--set", pair]
-        command += ["--set", f"server.max_sessions={IDLE_SESSIONS + 2}", "serve", "--port", str(self.port)]
-        # A file, not a pipe: nobody reads the server's log during the run, and a full pipe would stall it.
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - open as long as the server runs
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read().decode(errors='replace')[-2000:]}")
-            try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("server did not start")
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
 
 
 def _voices(tts: TTSEngine, n: int) -> list[tuple[str, str, np.ndarray, int]]:
@@ -115,12 +52,6 @@ def _voices(tts: TTSEngine, n: int) -> list[tuple[str, str, np.ndarray, int]]:
             label = f"espeak-{accent}-{speed}wpm"
         clips.append((question, label, audio, rate))
     return clips
-
-
-def _client(server: ServerProcess) -> LoopbackClient:
-    # A browser on a quiet network plays audio out within a packet or two; aiortc's fixed 80 ms would
-    # be the test client's delay, not the server's.
-    return LoopbackClient(server.url, keep_video=False, audio_jitter_buffer_packets=1)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -157,7 +88,7 @@ async def _idle_cost(server: ServerProcess) -> dict[str, float]:
     rss_before, cpu_before = server.rss_mb(), server.cpu_seconds()
     await asyncio.sleep(IDLE_MEASURE_S)
     baseline_cpu = (server.cpu_seconds() - cpu_before) / IDLE_MEASURE_S
-    clients = [_client(server) for _ in range(IDLE_SESSIONS)]
+    clients = [quiet_client(server) for _ in range(IDLE_SESSIONS)]
     for client in clients:
         await client.connect()
     await asyncio.sleep(3)
@@ -181,7 +112,7 @@ async def _run_turns(servers: dict[str, ServerProcess], clips: list) -> dict[str
     for round_number, (question, label, audio, rate) in enumerate(clips):
         shift = round_number % len(order)  # no configuration always goes first
         for name, server in order[shift:] + order[:shift]:
-            client = _client(server)
+            client = quiet_client(server)
             await client.connect()
             await asyncio.sleep(1.0)
             try:
@@ -223,7 +154,7 @@ async def _barge_ins(server: ServerProcess, count: int) -> dict[str, list[float]
     """Interrupt a long verbatim reply ``count`` times, at varied moments and in two voices; for each,
     how long the avatar's audio went on after the first voiced sample of the interruption, as the
     client heard it and as the server reports it."""
-    client = _client(server)
+    client = quiet_client(server)
     await client.connect()
     interruptions = [espeak("Wait, stop please.", "en-us", 170), espeak("Hold on a moment.", "en-gb", 150)]
     heard: list[float] = []
@@ -262,7 +193,7 @@ async def _barge_ins(server: ServerProcess, count: int) -> dict[str, list[float]
 async def _long_conversation(server: ServerProcess, count: int) -> dict[str, object]:
     """``count`` typed turns in one session, each sent as soon as the previous reply starts playing
     (so it interrupts it): does the first token come as fast at turn 50 as at turn 1?"""
-    client = _client(server)
+    client = quiet_client(server)
     await client.connect()
     first_token: list[float] = []
     try:
@@ -288,9 +219,9 @@ async def _long_conversation(server: ServerProcess, count: int) -> dict[str, obj
 def _run_configurations(args: argparse.Namespace, variants: dict[str, list[str]], clips: list) -> dict[str, object]:
     servers: dict[str, ServerProcess] = {}
     try:
-        with _free_ports(len(variants)) as ports:
+        with free_ports(len(variants)) as ports:
             for (name, extra), port in zip(variants.items(), ports):
-                servers[name] = ServerProcess(args, extra, port)
+                servers[name] = ServerProcess(args, [f"server.max_sessions={IDLE_SESSIONS + 2}", *extra], port)
         for server in servers.values():
             server.wait_ready()
         default = servers[DEFAULT]
