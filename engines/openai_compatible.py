@@ -107,12 +107,11 @@ def server_error_detail(body: str) -> str:
     try:
         answer = json.loads(body)
     except ValueError:
-        return " ".join(body.split())[:ERROR_BODY_CHARS]
+        answer = " ".join(body.split())
     if isinstance(answer, dict):
-        error = answer.get("error", answer.get("detail", answer))
-        if isinstance(error, dict):
-            error = error.get("message", error)
-        return str(error)[:ERROR_BODY_CHARS]
+        answer = answer.get("error", answer.get("detail", answer))
+    if isinstance(answer, dict):
+        answer = answer.get("message", answer)
     return str(answer)[:ERROR_BODY_CHARS]
 
 
@@ -154,7 +153,8 @@ class OpenAIClient:
                 retryable=True,
             )
         if isinstance(error, aiohttp.ClientConnectorError):
-            reason = error.os_error.strerror or str(error.os_error)
+            refused = isinstance(error.os_error, ConnectionRefusedError)
+            reason = "connection refused" if refused else error.os_error.strerror or str(error.os_error)
             return self.error(f"cannot reach {self.where}: {reason} (is it running? {stage}.base_url)", retryable=True)
         if isinstance(error, TimeoutError):
             if received:
@@ -169,7 +169,10 @@ class OpenAIClient:
         if response.status < 400:
             return
         body = (await response.content.read(4 * ERROR_BODY_CHARS)).decode("utf-8", "replace")
-        message = f"{self.where} answered {response.status} {response.reason} to /{path}: {server_error_detail(body)}"
+        detail = server_error_detail(body)
+        message = f"{self.where} answered {response.status} {response.reason} to /{path}" + (
+            f": {detail}" if detail else ""
+        )
         if response.status in (401, 403):
             message += (
                 f" (check the key in the variable {self.stage}.api_key_env names)"
@@ -245,7 +248,9 @@ class OpenAIClient:
         except (KeyError, TypeError):
             raise self.error(f"{self.where} answered /models without a model list: {str(answer)[:80]}") from None
 
-    async def _attempts(self, make_items: Callable[[], AsyncIterator[T]], put: Callable[[T], None], deadline: Deadline) -> None:
+    async def _attempts(
+        self, make_items: Callable[[], AsyncIterator[T]], put: Callable[[T], None], deadline: Deadline
+    ) -> None:
         """Pass on what ``make_items()`` yields; a failure before the first item is tried again (``retries``)."""
         for attempt in range(self.settings.retries + 1):
             received = False
@@ -256,11 +261,13 @@ class OpenAIClient:
                         put(item)
                         timeout.reschedule(asyncio.get_running_loop().time() + self.settings.read_timeout_s)
                 return
-            except Exception as error:
+            except (RemoteServerError, aiohttp.ClientError, OSError) as error:  # OSError: TimeoutError too
                 failure = self._failure(error, received, deadline)
                 if received or not failure.retryable or attempt == self.settings.retries:
                     raise failure from None
-                log.warning("%s; trying again (%d of %d, %s.retries)", failure, attempt + 1, self.settings.retries, self.stage)
+                log.warning(
+                    "%s; trying again (%d of %d, %s.retries)", failure, attempt + 1, self.settings.retries, self.stage
+                )
                 await asyncio.sleep(RETRY_DELAY_S)
 
     # --- blocking calls (from any thread) ------------------------------------
@@ -282,7 +289,7 @@ class OpenAIClient:
             started.set()
             try:
                 await self._attempts(make_items, items.put, deadline)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - whatever it is, the caller raises it
                 items.put(_Failed(error))
             except asyncio.CancelledError:  # abandoned by its caller, or the engine was closed
                 items.put(_Failed(self.error(f"the {self.stage} engine was closed during the request")))
@@ -297,6 +304,8 @@ class OpenAIClient:
                 try:
                     item = items.get(timeout=CANCEL_POLL_S)
                 except queue.Empty:
+                    if not self._thread.is_alive():  # closed before this request could start
+                        raise self.error(f"the {self.stage} engine is closed") from None
                     continue
                 if item is _END:
                     return
@@ -326,7 +335,9 @@ class OpenAIClient:
         try:
             run_once()
         except RemoteServerError as error:
-            log.warning("%s; every %s request fails until it answers (%s.base_url)", error, self.stage, self.stage)
+            log.warning(
+                "%s; the %s engine is loaded anyway, and each request fails until the server answers", error, self.stage
+            )
 
     def describe(self) -> dict[str, object]:
         """The server, its model, and whether it answers now (a short look at its /models)."""
@@ -342,7 +353,7 @@ class OpenAIClient:
             models = asyncio.run_coroutine_threadsafe(
                 asyncio.wait_for(self.models(), DESCRIBE_TIMEOUT_S), self._loop
             ).result()
-        except Exception as error:
+        except (RemoteServerError, aiohttp.ClientError, OSError) as error:
             description["server"] = f"not reachable: {self._failure(error, False, deadline)}"
             return description
         more = f" (and {len(models) - DESCRIBED_MODELS} more)" if len(models) > DESCRIBED_MODELS else ""

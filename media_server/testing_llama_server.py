@@ -48,14 +48,17 @@ class LlamaServer:
     def output(self) -> str:
         return "\n".join(self.lines)
 
-    def wait_for_output(self, text: str, timeout_s: float) -> bool:
-        """Whether ``text`` appears in the server's output within ``timeout_s``."""
+    def lines_with(self, text: str) -> int:
+        return sum(text in line for line in list(self.lines))
+
+    def wait_for_lines_with(self, text: str, count: int, timeout_s: float) -> bool:
+        """Whether ``count`` lines of the server's output hold ``text`` within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if any(text in line for line in list(self.lines)):
-                return True
+        while self.lines_with(text) < count:
+            if time.monotonic() > deadline:
+                return False
             time.sleep(POLL_S)
-        return False
+        return True
 
     def models(self) -> list[str]:
         with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as response:
@@ -114,7 +117,9 @@ def _wait_until_serving(server: LlamaServer) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"the llama.cpp server exited with {server.process.returncode}:\n{server.output()[-2000:]}")
+            raise RuntimeError(
+                f"the llama.cpp server exited with {server.process.returncode}:\n{server.output()[-2000:]}"
+            )
         with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
             if server.models():
                 return

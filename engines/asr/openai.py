@@ -32,8 +32,10 @@ class OpenAIASR(ASREngine):
         self._client = OpenAIClient(settings, "asr", "ASR server")
         self._local: FasterWhisperASR | None = None
         if settings.local_partials:
-            local = settings.local if settings.language is None else settings.local.model_copy(
-                update={"language": settings.language}
+            local = (
+                settings.local
+                if settings.language is None
+                else settings.local.model_copy(update={"language": settings.language})
             )
             self._local = FasterWhisperASR(local)
 

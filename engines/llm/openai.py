@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import Field
 
 from engines.base import ChatMessage, LLMEngine, Persona
-from engines.openai_compatible import Deadline, OpenAIClient, RemoteSettings
+from engines.openai_compatible import Deadline, OpenAIClient, RemoteSettings, server_error_detail
 
 # A token is about four characters of English, and each message costs a few tokens of framing.
 CHARS_PER_TOKEN = 4
@@ -44,7 +44,9 @@ class OpenAILLM(LLMEngine):
         cancelled: Callable[[], bool],
     ) -> Iterator[str]:
         messages = chat_messages(persona, history, self._settings.max_history_tokens)
-        return self._client.stream(lambda: self._deltas(messages, self._settings.max_tokens), cancelled, self._first_token)
+        return self._client.stream(
+            lambda: self._deltas(messages, self._settings.max_tokens), cancelled, self._first_token
+        )
 
     async def _deltas(self, messages: list[dict[str, str]], max_tokens: int) -> AsyncIterator[str]:
         s = self._settings
@@ -79,7 +81,7 @@ class OpenAILLM(LLMEngine):
         except ValueError:
             chunk = None
         if isinstance(chunk, dict) and "error" in chunk:
-            raise self._client.error(f"{self._client.where} failed mid-reply: {str(chunk['error'])[:300]}")
+            raise self._client.error(f"{self._client.where} failed mid-reply: {server_error_detail(data)}")
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
             raise self._client.error(
                 f"{self._client.where} sent something that is not a chat completion chunk: {data[:80]!r}"
@@ -90,7 +92,9 @@ class OpenAILLM(LLMEngine):
     def warm_up(self) -> None:
         """One token, so a server that loads its model on first use (Ollama) has it loaded."""
         self._client.warm_up(
-            lambda: list(self._client.stream(lambda: self._deltas(WARM_UP_MESSAGES, 1), lambda: False, self._first_token))
+            lambda: list(
+                self._client.stream(lambda: self._deltas(WARM_UP_MESSAGES, 1), lambda: False, self._first_token)
+            )
         )
 
     def describe(self) -> dict[str, object]:

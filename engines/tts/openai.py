@@ -45,7 +45,7 @@ class WavFormatError(ValueError):
 
 class OpenAITTS(TTSEngine):
     class Settings(RemoteSettings):
-        voices: list[str] = ["alloy"]  # the names the web page offers; any other name is passed on too
+        voices: list[str] = Field(default_factory=lambda: ["alloy"])  # offered on the page; any name is passed on
         default_voice: str = "alloy"
         response_format: Literal["pcm", "wav"] = "pcm"
         sample_rate: int = Field(24000, ge=8000)  # of raw PCM answers (OpenAI's is 24000)
@@ -156,7 +156,7 @@ async def wav_header(content: aiohttp.StreamReader) -> tuple[PCMFormat, int | No
 async def pcm_pieces(
     content: aiohttp.StreamReader, audio_format: PCMFormat, length: int | None, piece_seconds: float
 ) -> AsyncIterator[np.ndarray]:
-    """16-bit PCM from ``content`` as float32 mono pieces of at least ``piece_seconds`` (but the last), as it
+    """16-bit PCM from ``content`` as float32 mono pieces of ``piece_seconds`` (the last may be shorter), as it
     arrives; ``length``: how many bytes of it are audio (None: all)."""
     frame_bytes = SAMPLE_BYTES * audio_format.channels
     piece_bytes = max(1, round(audio_format.sample_rate * piece_seconds)) * frame_bytes
@@ -167,10 +167,9 @@ async def pcm_pieces(
             block = block[:remaining]
             remaining -= len(block)
         pending += block
-        if len(pending) >= piece_bytes:
-            whole = len(pending) - len(pending) % frame_bytes
-            yield mono_float(bytes(pending[:whole]), audio_format.channels)
-            del pending[:whole]
+        while len(pending) >= piece_bytes:
+            yield mono_float(bytes(pending[:piece_bytes]), audio_format.channels)
+            del pending[:piece_bytes]
         if remaining == 0:
             break
     whole = len(pending) - len(pending) % frame_bytes
