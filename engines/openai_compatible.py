@@ -344,18 +344,20 @@ class OpenAIClient:
         s = self.settings
         description: dict[str, object] = {
             "base_url": s.base_url,
-            "model": s.model or f"auto: the server's only model ({self._model or 'not asked yet'})",
+            "model": s.model or "auto: the server's only model",
             "api_key": f"from the environment variable {s.api_key_env}" if s.api_key_env else "none",
             "timeouts": f"connect {s.connect_timeout_s:g} s, answer {s.read_timeout_s:g} s, retries {s.retries}",
         }
-        deadline = Deadline(DESCRIBE_TIMEOUT_S, None)
         try:
             models = asyncio.run_coroutine_threadsafe(
                 asyncio.wait_for(self.models(), DESCRIBE_TIMEOUT_S), self._loop
             ).result()
         except (RemoteServerError, aiohttp.ClientError, OSError) as error:
-            description["server"] = f"not reachable: {self._failure(error, False, deadline)}"
+            description["server"] = f"not reachable: {self._failure(error, False, Deadline(DESCRIBE_TIMEOUT_S, None))}"
             return description
+        if s.model is None:
+            only = models[0] if len(models) == 1 else f"none: it serves {len(models)}, set {self.stage}.model"
+            description["model"] = f"auto: the server's only model ({only})"
         more = f" (and {len(models) - DESCRIBED_MODELS} more)" if len(models) > DESCRIBED_MODELS else ""
         description["server"] = f"reachable, serving {len(models)} model(s)"
         description["models"] = ", ".join(models[:DESCRIBED_MODELS]) + more

@@ -542,7 +542,8 @@ ANSWERS = {
 
 def speech_server(piper: PiperTTS, answer: str) -> tuple[web.Application, Seen]:
     """Piper's speech for each request, in small writes, as ``answer`` (a key of ANSWERS); seen.sent holds
-    the samples sent. The second half of every answer waits until seen.go_on is set."""
+    the samples sent. The second half of every answer waits until seen.go_on is set: a client that waits
+    for the whole answer before it plays any gets it cut short."""
 
     async def speak(request: web.Request, seen: Seen) -> web.StreamResponse:
         body = await request.json()
@@ -558,8 +559,8 @@ def speech_server(piper: PiperTTS, answer: str) -> tuple[web.Application, Seen]:
         await response.prepare(request)
         try:
             for start in range(0, len(payload), 4096):
-                if start >= len(payload) // 2:
-                    await asyncio.to_thread(seen.go_on.wait, 10)
+                if start >= len(payload) // 2 and not await asyncio.to_thread(seen.go_on.wait, 5):
+                    raise ConnectionAbortedError("the client waited for the whole answer")  # ends the answer short
                 await response.write(payload[start : start + 4096])
         except asyncio.CancelledError:  # the client closed the connection
             seen.abandoned += 1
