@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ DESCRIBE_TIMEOUT_S = 3.0
 DESCRIBED_MODELS = 20  # a model list longer than this is cut in describe()
 ERROR_BODY_CHARS = 300  # of a server's error answer, quoted in the message
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
-ENVIRONMENT_VARIABLE = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ENVIRONMENT_VARIABLE = re.compile(r"[A-Z_][A-Z0-9_]*")  # upper case: a key pasted here by mistake is refused
 
 
 class RemoteServerError(RuntimeError):
@@ -60,7 +61,7 @@ class RemoteSettings(EngineSettings):
 
     base_url: str  # the API root, usually ending in /v1: http://localhost:11434/v1
     model: str | None = None  # None: the server's only model (its /models list)
-    api_key_env: str | None = Field(None, pattern=ENVIRONMENT_VARIABLE)  # the NAME of the variable holding the key
+    api_key_env: str | None = None  # the NAME of the environment variable holding the key, not the key
     connect_timeout_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)  # the longest wait for an answer, or for more of it
     retries: int = Field(1, ge=0, le=10)  # only before anything of the answer has arrived
@@ -71,7 +72,17 @@ class RemoteSettings(EngineSettings):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{url!r} is not an http:// or https:// URL such as http://localhost:11434/v1")
+        if parts.username or parts.password:
+            raise ValueError("holds credentials: give the key in the variable api_key_env names instead")
         return url.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, name: str | None) -> str | None:
+        # The message never quotes the value: it may be the key itself.
+        if name is not None and not ENVIRONMENT_VARIABLE.fullmatch(name):
+            raise ValueError("must be the name of an environment variable (such as OPENAI_API_KEY), not the key")
+        return name
 
 
 @dataclass(frozen=True)

@@ -387,10 +387,13 @@ def test_the_request_and_the_api_key(monkeypatch: pytest.MonkeyPatch, caplog: py
     )  # fmt: skip
 
 
-def test_missing_key_variable_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_key_variable_or_a_key_in_its_place_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FACECAST_TEST_KEY", raising=False)
     with pytest.raises(EngineConfigError, match="llm.api_key_env names the environment variable FACECAST_TEST_KEY"):
         remote_llm("http://127.0.0.1:1/v1", api_key_env="FACECAST_TEST_KEY")
+    with pytest.raises(EngineConfigError, match="the name of an environment variable .*, not the key") as pasted:
+        create_engine("llm", "openai", {"base_url": "http://127.0.0.1:1/v1", "api_key_env": SECRET})
+    assert SECRET not in str(pasted.value)
 
 
 def test_several_models_need_a_choice() -> None:
