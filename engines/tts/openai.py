@@ -25,7 +25,8 @@ from engines.base import SpeechChunk, TTSEngine
 from engines.openai_compatible import OpenAIClient, RemoteSettings
 
 WAV_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave"})
-PCM_TYPES = frozenset({"audio/pcm", "audio/l16", "audio/x-pcm", "audio/raw", "application/octet-stream"})
+# Not audio/L16: that is big-endian (RFC 2586), and these servers' "pcm" is little-endian.
+PCM_TYPES = frozenset({"audio/pcm", "audio/x-pcm", "audio/raw", "application/octet-stream"})
 STREAMED_WAV_SIZES = (0, 0xFFFFFFFF)  # written before the length was known
 WAVE_FORMAT_PCM, WAVE_FORMAT_EXTENSIBLE = 1, 0xFFFE
 SAMPLE_BYTES = 2
