@@ -15,9 +15,19 @@ from engines.base import Engine, EngineConfigError
 
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "vad": {"silero": "engines.vad.silero:SileroVAD"},
-    "asr": {"faster-whisper": "engines.asr.faster_whisper:FasterWhisperASR"},
-    "llm": {"llama-cpp": "engines.llm.llama_cpp:LlamaCppLLM"},
-    "tts": {"piper": "engines.tts.piper.engine:PiperTTS", "espeak": "engines.tts.espeak.engine:EspeakTTS"},
+    "asr": {
+        "faster-whisper": "engines.asr.faster_whisper:FasterWhisperASR",
+        "openai": "engines.asr.openai:OpenAIASR",
+    },
+    "llm": {
+        "llama-cpp": "engines.llm.llama_cpp:LlamaCppLLM",
+        "openai": "engines.llm.openai:OpenAILLM",
+    },
+    "tts": {
+        "piper": "engines.tts.piper.engine:PiperTTS",
+        "espeak": "engines.tts.espeak.engine:EspeakTTS",
+        "openai": "engines.tts.openai:OpenAITTS",
+    },
     "lipsync": {
         "warp": "engines.lipsync.warp:WarpLipSync",
         "wav2lip": "engines.lipsync.wav2lip.engine:Wav2LipSync",

@@ -275,6 +275,22 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
 
 
+def _switch_engines(tree: dict[str, Any], engines: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` where each stage that ``engines`` gives another engine keeps none of its former engine's
+    options: ``[llm] engine = "openai"`` in a user file must not inherit the llama-cpp defaults."""
+    switched = {
+        stage: {}
+        for stage, engine in engines.items()
+        if isinstance(tree.get(stage), dict) and tree[stage].get("engine") != engine
+    }
+    return {**tree, **switched}
+
+
+def _is_engine_key(dotted: str) -> bool:
+    stage, _, key = dotted.partition(".")
+    return bool(stage) and key == "engine"
+
+
 def load_settings(
     config_file: Path | None = None,
     overrides: Mapping[str, str] = {},
@@ -282,12 +298,24 @@ def load_settings(
 ) -> Settings:
     tree = _read_toml(DEFAULT_CONFIG)
     if config_file is not None:
-        tree = _merge(tree, _read_toml(config_file))
-    for name, text in environ.items():
-        if name.startswith(ENV_PREFIX):
-            _set_path(tree, name[len(ENV_PREFIX) :].lower().replace("__", "."), _parse_value(text))
-    for dotted, text in overrides.items():
-        _set_path(tree, dotted, _parse_value(text))
+        user = _read_toml(config_file)
+        engines = {
+            stage: options["engine"]
+            for stage, options in user.items()
+            if isinstance(options, dict) and "engine" in options
+        }
+        tree = _merge(_switch_engines(tree, engines), user)
+    from_environment = {
+        name[len(ENV_PREFIX) :].lower().replace("__", "."): _parse_value(text)
+        for name, text in environ.items()
+        if name.startswith(ENV_PREFIX)
+    }
+    from_flags = {dotted: _parse_value(text) for dotted, text in overrides.items()}
+    for source in (from_environment, from_flags):
+        engines = {dotted.split(".")[0]: value for dotted, value in source.items() if _is_engine_key(dotted)}
+        tree = _switch_engines(tree, engines)
+        for dotted, value in source.items():
+            _set_path(tree, dotted, value)
     _refuse_moved_keys(tree)
     try:
         return Settings.model_validate(tree)
