@@ -7,7 +7,6 @@ Test modules import the fixtures they use (``from tests.browser_support import b
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from engines.audio import resample
+from media_server.testing.processes import free_port, stop_process
 from media_server.testing.speech_corpus import espeak, write_wav
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -32,12 +32,6 @@ MIC_RATE = 48000
 LEAD_SILENCE_S = 3.0  # the fake microphone starts at getUserMedia, before the session is connected
 TAIL_SILENCE_S = 2.0
 SERVER_START_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def healthy(base_url: str) -> bool:
@@ -80,12 +74,7 @@ class ServerProcess:
     def stop(self) -> None:
         if self.process is None:
             return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def keep_log(self, name: str) -> None:

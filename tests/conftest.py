@@ -10,11 +10,11 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from media_server.config import load_settings
 from media_server.http.app import create_app
 from media_server.http.state import SESSIONS
-from media_server.config import load_settings
-from media_server.testing.loopback_client import LoopbackClient
 from media_server.runtime import Runtime
+from media_server.testing.loopback_client import LoopbackClient
 
 MAX_TEST_SESSIONS = 3
 

@@ -13,9 +13,9 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from media_server.http.app import create_app
 from media_server.cli.main import _settings, build_parser, tls_context
 from media_server.config import ConfigError, IceServer
+from media_server.http.app import create_app
 
 ALLOWED = "http://allowed.example:8000"
 OTHER = "http://other.example"

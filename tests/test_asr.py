@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from engines.asr.faster_whisper import FasterWhisperASR
+from engines.audio import resample
 from engines.embedded_models import (
     WHISPER_BASE_SHA256,
     ModelIntegrityError,
@@ -16,7 +17,6 @@ from engines.embedded_models import (
     verify_sha256,
     whisper_base_files,
 )
-from engines.audio import resample
 from media_server.testing.speech_corpus import espeak, word_error_rate
 
 RATE = FasterWhisperASR.sample_rate

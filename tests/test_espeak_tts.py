@@ -130,7 +130,7 @@ def test_a_killed_worker_is_reported_and_replaced(engine: EspeakTTS, caplog: pyt
 
 
 def test_an_unknown_voice_names_the_configured_ones(engine: EspeakTTS) -> None:
-    with pytest.raises(ValueError, match="unknown espeak voice 'klingon'; available voices: en-us, en, de, fr"):
+    with pytest.raises(ValueError, match="unknown voice 'klingon'; available voices: en-us, en, de, fr"):
         engine.synthesize("Hallo.", "klingon")
 
 

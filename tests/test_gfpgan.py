@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from engines.audio import resample
 from engines.avatar import Avatar, load_avatar
 from engines.base import EngineConfigError
 from engines.enhancer.gfpgan.engine import GFPGANEnhancer
 from engines.enhancer.gfpgan.model import GFPGAN, GFPGANConfig
-from engines.registry import create_engine
 from engines.lipsync.wav2lip.model import deterministic_state_dict
-from engines.audio import resample
+from engines.registry import create_engine
 from media_server.testing.speech_corpus import espeak
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

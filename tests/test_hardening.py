@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-import pytest_asyncio
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcsctptransport import WEBRTC_STRING

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from engines.audio import resample
 from engines.avatar import Avatar, load_avatar
 from engines.base import AVFrame
 from engines.lipsync.warp import WarpLipSync
-from engines.audio import resample
 from media_server.testing.speech_corpus import espeak
 
 AVATAR_DIR = Path(__file__).resolve().parents[1] / "avatars" / "default"

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from engines.llm import llama_cpp as llm_llama_cpp
 from engines.base import ChatMessage, Persona
 from engines.embedded_models import sha256_of
+from engines.llm import llama_cpp as llm_llama_cpp
 from engines.llm.gguf_vocabulary import (
     UnsupportedModelError,
     english_vocabulary_model,

@@ -34,8 +34,9 @@ from engines.registry import create_engine
 from engines.tts.openai import OpenAITTS
 from engines.tts.piper.engine import PiperTTS
 from media_server.config import load_settings
+from media_server.testing.llama_server import LlamaServer, running_llama_server
+from media_server.testing.processes import free_port
 from media_server.testing.speech_corpus import espeak, word_error_rate
-from media_server.testing.llama_server import LlamaServer, free_port, running_llama_server
 from media_server.threads import iterate_in_thread
 
 PERSONA = Persona(

@@ -13,8 +13,8 @@ import torch
 
 from engines.lipsync.wav2lip.model import deterministic_state_dict
 from media_server.cli import render as render_cli
-from media_server.config import Settings, load_settings
 from media_server.cli.render import RenderError, render
+from media_server.config import Settings, load_settings
 from media_server.testing.speech_corpus import espeak, write_wav
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "wav2lip"

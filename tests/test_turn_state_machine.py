@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import pytest
 import pytest_asyncio
 
 from engines.base import Persona

@@ -10,13 +10,12 @@ import av
 import numpy as np
 import pytest
 
+from engines.audio import silence_before_onset
 from engines.base import ASREngine, ChatMessage, LLMEngine, Persona, Transcript
 from media_server.http.state import METRICS, SESSIONS
-from engines.audio import silence_before_onset
-from media_server.media.timeline import AUDIO_PACKET_S
-from media_server.testing.loopback_client import MicrophoneTrack
-from media_server.media.timeline import Playback
+from media_server.media.timeline import AUDIO_PACKET_S, Playback
 from media_server.testing.harness import BareConversation, bare_conversation, settings_with
+from media_server.testing.loopback_client import MicrophoneTrack
 from media_server.testing.speech_corpus import espeak
 
 STORY = (

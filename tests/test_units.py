@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from engines.audio import silence_before_onset
-from media_server.media.microphone import CaptureClock
-from media_server.conversation.chunker import SpeechChunker
 from media_server.config import ConfigError, TurnTakingSettings, load_settings
+from media_server.conversation.chunker import SpeechChunker
+from media_server.conversation.turn_policy import TurnEventKind, TurnPolicy
+from media_server.media.microphone import CaptureClock
 from media_server.media.timeline import lipsync_pieces
 from media_server.testing.speech_corpus import word_error_rate
-from media_server.conversation.turn_policy import TurnEventKind, TurnPolicy
 
 WINDOW = 0.032
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engines.audio import resample
 from engines.embedded_models import SILERO_VAD_SHA256
 from engines.vad.silero import SileroVAD
-from engines.audio import resample
 from media_server.testing.speech_corpus import espeak
 
 WINDOW = SileroVAD.window_samples

@@ -7,9 +7,9 @@ import asyncio
 from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.codecs.vpx import Vp8Encoder
 
+from media_server.cli.bench.video import avatar_frames, encode_frames, mean_psnr
 from media_server.http.state import SESSIONS
 from media_server.media.tracks import OutputTrack
-from media_server.cli.bench.video import avatar_frames, encode_frames, mean_psnr
 from media_server.media.webrtc import RenderedVideoVp8Encoder, use_rendered_video_encoder
 
 

@@ -10,7 +10,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from engines.tts.piper.vits_streaming import FIRST_WINDOW_FRAMES, StreamingVits, WholeVits, open_vits, split_vits, windows
+from engines.tts.piper.vits_streaming import (
+    FIRST_WINDOW_FRAMES,
+    StreamingVits,
+    WholeVits,
+    open_vits,
+    split_vits,
+    windows,
+)
 
 # "Jupiter is the largest planet" as the joe voice's phoneme ids (piper's phonemize + phonemes_to_ids):
 # hard-coded so that this test needs no piper (GPL-3.0) in the test process.

@@ -19,20 +19,20 @@ import pytest_asyncio
 import torch
 from aiohttp import web
 
+from engines.audio import resample
 from engines.avatar import Avatar, load_avatar
 from engines.base import AVFrame, EngineConfigError
 from engines.lipsync.warp import WarpLipSyncStream
 from engines.lipsync.wav2lip.engine import FADE_FRAMES, Wav2LipStream, Wav2LipSync
-from engines.registry import create_engine
 from engines.lipsync.wav2lip.model import deterministic_state_dict
+from engines.registry import create_engine
+from media_server.cli.avatars import add_avatar
+from media_server.cli.models import ModelFetchError, fetch_file
+from media_server.config import load_settings
 from media_server.http.app import create_app
 from media_server.http.state import SESSIONS
-from engines.audio import resample
-from media_server.cli.avatars import add_avatar
-from media_server.config import load_settings
-from media_server.testing.loopback_client import THUMBNAIL, LoopbackClient
-from media_server.cli.models import ModelFetchError, fetch_file
 from media_server.runtime import Runtime
+from media_server.testing.loopback_client import THUMBNAIL, LoopbackClient
 from media_server.testing.speech_corpus import espeak
 from tests.test_avatars_cli import write_video
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -33,7 +32,8 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming, mono_samples
+from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming
+from engines.lipsync.segments import Segments
 
 if TYPE_CHECKING:
     from engines.avatar import Avatar, FaceBox
@@ -469,9 +469,20 @@ def _paste(frame: np.ndarray, patch: np.ndarray, x: int, y: int) -> None:
 class _Segment:
     """Audio pushed for one segment and not yet rendered; pieces are joined once per pull, not per push."""
 
-    def __init__(self) -> None:
+    def __init__(self, samples_per_frame: int) -> None:
+        self.spf = samples_per_frame
         self.pieces: list[np.ndarray] = []
+        self.pushed = 0
         self.ended = False
+
+    def push(self, audio: np.ndarray) -> None:
+        self.pieces.append(audio)
+        self.pushed += len(audio)
+
+    def end(self) -> None:
+        """The last frame is padded with silence to a whole frame."""
+        self.pieces.append(np.zeros(-self.pushed % self.spf, np.float32))
+        self.ended = True
 
     def audio(self) -> np.ndarray:
         if len(self.pieces) != 1:
@@ -508,7 +519,7 @@ class WarpLipSyncStream(LipSyncStream):
         self.samples_per_frame = sample_rate // fps
         self._rng = np.random.default_rng(settings.seed)
         self._motion = _HeadMotion(self._rng, settings.head_motion_px, rig.plans[0].face_height, fps)
-        self._segments: deque[_Segment] = deque()
+        self._segments = Segments(lambda: _Segment(self.samples_per_frame))
         self._tick = 0
         self._next_blink = self._blink_gap()  # the tick the next blink starts
         self._openness = 0.0
@@ -524,21 +535,12 @@ class WarpLipSyncStream(LipSyncStream):
         self._lock = threading.Lock()
 
     def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
-        samples = mono_samples(audio)
-        if not samples.size:
-            return
         with self._lock:
-            if not self._segments or self._segments[-1].ended:
-                self._segments.append(_Segment())
-            self._segments[-1].pieces.append(samples)
+            self._segments.push(audio)
 
     def end_segment(self) -> None:
         with self._lock:
-            if self._segments and not self._segments[-1].ended:
-                segment = self._segments[-1]
-                pushed = sum(len(piece) for piece in segment.pieces)
-                segment.pieces.append(np.zeros(-pushed % self.samples_per_frame, np.float32))
-                segment.ended = True
+            self._segments.end()
 
     def pull(self) -> list[AVFrame]:
         with self._lock:
@@ -575,8 +577,7 @@ class WarpLipSyncStream(LipSyncStream):
     def _render_ready(self) -> list[AVFrame]:
         frames: list[AVFrame] = []
         spf = self.samples_per_frame
-        while self._segments:
-            segment = self._segments[0]
+        for segment in self._segments.to_render():
             audio = segment.audio()
             available = len(audio) // spf
             ready = max(available if segment.ended else available - LOOK_AHEAD_FRAMES, 0)
@@ -587,8 +588,6 @@ class WarpLipSyncStream(LipSyncStream):
                 frames.append(AVFrame(self._speech_frame(chunk, upcoming), chunk.copy(), True, last))
             if not segment.ended:
                 segment.pieces = [audio[ready * spf :]]
-                break
-            self._segments.popleft()
         return frames
 
     # --- mouth from audio ---

@@ -36,7 +36,7 @@ import numpy as np
 from pydantic import Field
 
 from engines import PROJECT_ROOT
-from engines.base import EngineSettings, PhonemeTiming, SpeechChunk
+from engines.base import EngineSettings, PhonemeTiming, SpeechChunk, TTSEngine
 
 logger = logging.getLogger(__name__)
 POLL_S = 0.25  # how often a waiting request checks whether its worker is still making progress
@@ -289,7 +289,7 @@ class WorkerPool:
     """Worker processes of one kind, all started with the same configuration."""
 
     def __init__(self, kind: WorkerKind, config_json: str, settings: WorkerSettings) -> None:
-        self._kind = kind
+        self.kind = kind
         self._config_json = config_json
         self._settings = settings
         self._request_ids = itertools.count(1)
@@ -338,14 +338,14 @@ class WorkerPool:
     def _start_spare(self) -> None:
         """Start a worker in the background, to take the place of the next one that dies."""
         if self._settings.spare_workers:
-            threading.Thread(target=self._make_spare, name=f"{self._kind.label}-spare", daemon=True).start()
+            threading.Thread(target=self._make_spare, name=f"{self.kind.label}-spare", daemon=True).start()
 
     def _make_spare(self) -> None:
-        spare = WorkerProcess(self._kind, self._config_json)
+        spare = WorkerProcess(self.kind, self._config_json)
         try:
             spare.wait_until_ready()
-        except self._kind.error as error:
-            logger.warning("the spare %s worker failed to start: %s", self._kind.label, error)
+        except self.kind.error as error:
+            logger.warning("the spare %s worker failed to start: %s", self.kind.label, error)
             return
         with self._lock:
             if not self._closed and self._spare is None:
@@ -359,7 +359,7 @@ class WorkerPool:
         if spare is not None and spare.alive:
             self._start_spare()
             return spare
-        worker = WorkerProcess(self._kind, self._config_json)
+        worker = WorkerProcess(self.kind, self._config_json)
         worker.wait_until_ready()
         return worker
 
@@ -367,14 +367,51 @@ class WorkerPool:
         """Send a request to ``worker``, or to the least busy worker (one that died is restarted first)."""
         with self._lock:
             if self._closed:
-                raise self._kind.error(f"the {self._kind.label} engine is closed")
+                raise self.kind.error(f"the {self.kind.label} engine is closed")
             if worker is None:
                 # A dead worker has nothing outstanding, so it is picked, and restarted, first.
                 index = min(range(len(self._workers)), key=lambda i: self._workers[i].outstanding)
                 if not self._workers[index].alive:
-                    logger.warning("replacing %s worker %d, which died", self._kind.label, self._workers[index].pid)
+                    logger.warning("replacing %s worker %d, which died", self.kind.label, self._workers[index].pid)
                     self._workers[index] = self._replacement()
                 worker = self._workers[index]
             request_id = next(self._request_ids)
             replies = worker.submit(request_id, text, voice, speed)
             return SpeechStream(worker, request_id, replies, self._settings.reply_timeout_s)
+
+
+class WorkerTTS(TTSEngine):
+    """What every TTS engine run in worker processes shares: its voices, served by a WorkerPool."""
+
+    _settings: WorkerSettings
+    _workers: WorkerPool
+    _voice_names: list[str]  # the voices it offers, in order
+    _warm_up_text: str = "Hello there."
+
+    @property
+    def voices(self) -> list[str]:
+        return list(self._voice_names)
+
+    @property
+    def default_voice(self) -> str:
+        return self._settings.default_voice  # type: ignore[attr-defined]
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (they change when a dead or hung worker is replaced)."""
+        return self._workers.pids
+
+    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> Iterator[SpeechChunk]:
+        """Synthesis starts at once, before the first chunk is asked for."""
+        if voice not in self._voice_names:
+            raise ValueError(self._unknown_voice_message(voice))
+        return self._workers.synthesize(text, voice, speed)
+
+    def _unknown_voice_message(self, voice: str) -> str:
+        return f"unknown voice {voice!r}; available voices: {', '.join(self._voice_names)}"
+
+    def warm_up(self) -> None:
+        self._workers.warm_up(self._warm_up_text, self.default_voice)
+
+    def close(self) -> None:
+        self._workers.close()

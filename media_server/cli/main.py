@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engines.base import EngineConfigError, EngineLoadError
-from media_server.config import ConfigError, ServerSettings, Settings, load_settings
 from media_server.cli.dependencies import CONSTRAINTS_FILE
+from media_server.config import ConfigError, ServerSettings, Settings, load_settings
 
 # Loggers whose INFO lines a user needs without -v: which stage is loading, so that a crash is never silent.
 STARTUP_LOGGERS = ("media_server.runtime",)

@@ -10,7 +10,6 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-
 RTP_TIMESTAMP_WRAP = 1 << 32
 # How fast the estimated offset may rise, in seconds a second: a sender's audio clock running up to
 # 100 ppm slower than ours is followed, and a backlog of late audio barely moves it.

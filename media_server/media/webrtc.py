@@ -17,8 +17,8 @@ import struct
 import av
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
 from aiortc.codecs.vpx import Vp8Encoder, number_of_threads
-from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
 from aiortc.mediastreams import MediaStreamTrack
+from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
 from av.frame import Frame
 from av.video.codeccontext import VideoCodecContext
 

@@ -8,6 +8,7 @@ slot back, whatever went wrong.
 from __future__ import annotations
 
 import asyncio
+
 from media_server.metrics import ServerMetrics
 from media_server.sessions.base import MediaSession
 from media_server.sessions.broadcast import BroadcastSession

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -22,16 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engines.llm.llama_cpp import LlamaCppLLM, cache_directory, embedded_model_path
+from media_server.testing.processes import free_port, stop_process
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 POLL_S = 0.1
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
@@ -65,13 +59,7 @@ class LlamaServer:
             return [entry["id"] for entry in json.load(response)["data"]]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def _collect(stream: Iterator[str], lines: list[str]) -> None:

@@ -27,7 +27,6 @@ import math
 import pickle
 import threading
 import tomllib
-from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,15 +46,15 @@ from engines.base import (
     LipSyncEngine,
     LipSyncStream,
     PhonemeTiming,
-    mono_samples,
 )
 from engines.device import DeviceChoice, pick_device
 from engines.embedded_models import sha256_of
+from engines.lipsync.segments import Segments
 from engines.lipsync.warp import WarpLipSync, WarpLipSyncStream
-from engines.lipsync.wav2lip.paste_back import PasteRegion, face_crop, generator_input, paste
-from engines.lipsync.wav2lip.mel import MEL_WINDOW, N_MELS, SAMPLE_RATE, StreamingMel, mel_window_start
 from engines.lipsync.wav2lip.backends import BackendError, Wav2LipBackend, create_backend
+from engines.lipsync.wav2lip.mel import MEL_WINDOW, N_MELS, SAMPLE_RATE, StreamingMel, mel_window_start
 from engines.lipsync.wav2lip.model import CheckpointError, Wav2LipGenerator, load_checkpoint
+from engines.lipsync.wav2lip.paste_back import PasteRegion, face_crop, generator_input, paste
 
 log = logging.getLogger(__name__)
 
@@ -440,36 +439,26 @@ class Wav2LipStream(LipSyncStream):
         self.fps = fps
         self.sample_rate = sample_rate
         self.samples_per_frame = sample_rate // fps
-        self._segments: deque[_Segment] = deque()
+        self._segments = Segments(lambda: _Segment(self.sample_rate, self.fps))
         self._last_face: np.ndarray | None = None
         self._afterglow: _Afterglow | None = None
         self._lock = threading.Lock()
 
     def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
-        samples = mono_samples(audio)
-        if not samples.size:
-            return
         with self._lock:
-            if not self._segments or self._segments[-1].ended:
-                self._segments.append(_Segment(self.sample_rate, self.fps))
-            self._segments[-1].push(samples)
+            self._segments.push(audio)
 
     def end_segment(self) -> None:
         with self._lock:
-            if self._segments and not self._segments[-1].ended:
-                self._segments[-1].end()
+            self._segments.end()
 
     def pull(self) -> list[AVFrame]:
         with self._lock:
             frames: list[AVFrame] = []
-            while self._segments:
-                segment = self._segments[0]
+            for segment in self._segments.to_render():
                 ready = segment.ready_frames()
                 for start in range(0, len(ready), self.batch_size):
                     frames += self._render(segment, ready[start : start + self.batch_size])
-                if not segment.ended:
-                    break
-                self._segments.popleft()
             return frames
 
     def idle_frame(self, elapsed_frames: int = 1) -> np.ndarray:

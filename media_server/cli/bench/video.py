@@ -18,10 +18,10 @@ import av
 import numpy as np
 from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 
+from engines.audio import resample
 from engines.avatar import Avatar, load_avatar
 from engines.base import LipSyncEngine, TTSEngine
 from engines.registry import create_engine
-from engines.audio import resample
 from media_server.cli.bench.output import print_summary
 from media_server.config import MediaSettings, Settings
 from media_server.media.webrtc import RenderedVideoVp8Encoder

@@ -17,8 +17,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from engines.lipsync.wav2lip.mel import MEL_WINDOW
 from engines.lipsync.wav2lip.backends.base import BackendError, DecoderGraph, FaceEncoderGraph, Wav2LipBackend
+from engines.lipsync.wav2lip.mel import MEL_WINDOW
 from engines.lipsync.wav2lip.model import Wav2LipGenerator
 
 BATCH_SIZE = 16  # frames per decoder call; larger batches are split, smaller ones padded
