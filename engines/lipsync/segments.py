@@ -3,13 +3,14 @@ stream shares. Audio goes to the newest segment until it ends; audio after that 
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
-from engines.base import mono_samples
+from engines.base import LipSyncStream, PhonemeTiming, mono_samples
 
 
 class Segment(Protocol):
@@ -54,3 +55,19 @@ class Segments(Generic[S]):
             if not segment.ended:
                 return
             self._queue.popleft()
+
+
+class SegmentedStream(LipSyncStream, Generic[S]):
+    """A lip-sync stream keeping its speech in Segments; its methods may be called from different threads."""
+
+    def __init__(self, open_segment: Callable[[], S]) -> None:
+        self._segments: Segments[S] = Segments(open_segment)
+        self._lock = threading.Lock()
+
+    def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
+        with self._lock:
+            self._segments.push(audio)
+
+    def end_segment(self) -> None:
+        with self._lock:
+            self._segments.end()

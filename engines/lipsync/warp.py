@@ -32,8 +32,8 @@ import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
-from engines.base import AVFrame, EngineSettings, LipSyncEngine, LipSyncStream, PhonemeTiming
-from engines.lipsync.segments import Segments
+from engines.base import AVFrame, EngineSettings, LipSyncEngine
+from engines.lipsync.segments import SegmentedStream
 
 if TYPE_CHECKING:
     from engines.avatar import Avatar, FaceBox
@@ -508,10 +508,11 @@ class _HeadMotion:
         return matrix
 
 
-class WarpLipSyncStream(LipSyncStream):
+class WarpLipSyncStream(SegmentedStream[_Segment]):
     """One session's mouth, blinks and head motion; its methods may be called from different threads."""
 
     def __init__(self, rig: _AvatarRig, settings: WarpLipSync.Settings, fps: int, sample_rate: int) -> None:
+        super().__init__(lambda: _Segment(sample_rate // fps))
         self.rig = rig
         self.settings = settings
         self.fps = fps
@@ -519,7 +520,6 @@ class WarpLipSyncStream(LipSyncStream):
         self.samples_per_frame = sample_rate // fps
         self._rng = np.random.default_rng(settings.seed)
         self._motion = _HeadMotion(self._rng, settings.head_motion_px, rig.plans[0].face_height, fps)
-        self._segments = Segments(lambda: _Segment(self.samples_per_frame))
         self._tick = 0
         self._next_blink = self._blink_gap()  # the tick the next blink starts
         self._openness = 0.0
@@ -532,15 +532,6 @@ class WarpLipSyncStream(LipSyncStream):
         self._low_band = (freqs >= LOW_BAND_HZ[0]) & (freqs < LOW_BAND_HZ[1])
         self._high_band = (freqs >= HIGH_BAND_HZ[0]) & (freqs < HIGH_BAND_HZ[1])
         self._window = np.hanning(self.samples_per_frame).astype(np.float32)
-        self._lock = threading.Lock()
-
-    def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
-        with self._lock:
-            self._segments.push(audio)
-
-    def end_segment(self) -> None:
-        with self._lock:
-            self._segments.end()
 
     def pull(self) -> list[AVFrame]:
         with self._lock:

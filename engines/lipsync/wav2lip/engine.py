@@ -45,11 +45,10 @@ from engines.base import (
     FaceEnhancer,
     LipSyncEngine,
     LipSyncStream,
-    PhonemeTiming,
 )
 from engines.device import DeviceChoice, pick_device
 from engines.embedded_models import sha256_of
-from engines.lipsync.segments import Segments
+from engines.lipsync.segments import SegmentedStream
 from engines.lipsync.warp import WarpLipSync, WarpLipSyncStream
 from engines.lipsync.wav2lip.backends import BackendError, Wav2LipBackend, create_backend
 from engines.lipsync.wav2lip.mel import MEL_WINDOW, N_MELS, SAMPLE_RATE, StreamingMel, mel_window_start
@@ -418,7 +417,7 @@ class _Afterglow:
     frames_left: int = FADE_FRAMES
 
 
-class Wav2LipStream(LipSyncStream):
+class Wav2LipStream(SegmentedStream[_Segment]):
     """One session's Wav2Lip mouth over the idle animation; its methods may be called from different threads."""
 
     def __init__(
@@ -431,6 +430,7 @@ class Wav2LipStream(LipSyncStream):
         sample_rate: int,
         enhancer: FaceEnhancer | None = None,
     ) -> None:
+        super().__init__(lambda: _Segment(sample_rate, fps))
         self.backend = backend
         self.enhance = enhancer.enhance if enhancer is not None else None
         self.avatar = avatar
@@ -439,18 +439,8 @@ class Wav2LipStream(LipSyncStream):
         self.fps = fps
         self.sample_rate = sample_rate
         self.samples_per_frame = sample_rate // fps
-        self._segments = Segments(lambda: _Segment(self.sample_rate, self.fps))
         self._last_face: np.ndarray | None = None
         self._afterglow: _Afterglow | None = None
-        self._lock = threading.Lock()
-
-    def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
-        with self._lock:
-            self._segments.push(audio)
-
-    def end_segment(self) -> None:
-        with self._lock:
-            self._segments.end()
 
     def pull(self) -> list[AVFrame]:
         with self._lock:
