@@ -386,3 +386,24 @@ async def test_connecting_and_leaving_over_and_over_leaves_nothing_behind(base_u
     await asyncio.sleep(1.0)
     assert server_app[SESSIONS].open_sessions == 0 and server_app[METRICS].sessions._value.get() == 0
     assert threading.active_count() <= threads + 2 and open_fds() <= fds + 4
+
+
+# --- supervision ----------------------------------------------------------------------------------
+
+
+async def test_a_session_whose_task_dies_says_so_and_frees_its_slot(client_factory, server_app) -> None:
+    broken, other = await client_factory(), await client_factory()
+    session = server_app[SESSIONS].talks[broken.session_id]
+
+    async def failing_tick() -> None:
+        raise RuntimeError("the output clock broke")
+
+    session.output.play_tick = failing_tick  # the running clock calls it on its next tick
+    error = await broken.wait_for(lambda e: e.get("type") == "error", timeout=10)
+    assert error["code"] == "session_failed" and "the output clock broke" in error["message"]
+    async with asyncio.timeout(10):
+        while broken.session_id in server_app[SESSIONS].talks:
+            await asyncio.sleep(0.05)
+    assert session.closed and session.pc.connectionState == "closed"
+    other.send({"type": "ping"})
+    await other.wait_for(lambda e: e.get("type") == "pong", timeout=10)
