@@ -275,7 +275,8 @@ def _from_opea_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     if "INFERENCE_MODE" in given:
         mode = given["INFERENCE_MODE"]
         if mode not in OPEA_INFERENCE_MODES:
-            raise ConfigError(f"INFERENCE_MODE={mode[:40]!r} (OPEA's variable): use one of {', '.join(OPEA_INFERENCE_MODES)}")
+            modes = ", ".join(OPEA_INFERENCE_MODES)
+            raise ConfigError(f"INFERENCE_MODE={mode[:40]!r} (OPEA's variable): use one of {modes}")
         found.update(OPEA_INFERENCE_MODES[mode])
         if environ.get("CHECKPOINT_PATH", "").strip():
             found["lipsync.checkpoint"] = environ["CHECKPOINT_PATH"].strip()

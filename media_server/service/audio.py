@@ -11,6 +11,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from engines.audio import resample
+from engines.base import VADEngine
 from media_server.service.errors import BadInput
 
 # What decoding is given up on: a container with no audio stream after this much probing, or audio past the limit.
@@ -83,3 +85,17 @@ class StreamResampler:
     def _joined(frames: list[av.AudioFrame]) -> np.ndarray:
         parts = [frame.to_ndarray().reshape(-1) for frame in frames]
         return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
+
+
+def speech_heard(vad: VADEngine, audio: np.ndarray, rate: int, threshold: float, min_speech_ms: int) -> bool:
+    """Whether the VAD hears at least ``min_speech_ms`` of speech in ``audio``: Whisper given only silence
+    or noise writes words that were never said."""
+    samples = resample(audio, rate, vad.sample_rate)
+    stream, window = vad.open_stream(), vad.window_samples
+    needed = max(1, round(min_speech_ms / 1000 * vad.sample_rate / window))
+    voiced = 0
+    for start in range(0, len(samples) - window + 1, window):
+        voiced += stream.speech_probability(samples[start : start + window]) > threshold
+        if voiced >= needed:
+            return True
+    return False

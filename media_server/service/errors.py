@@ -41,3 +41,9 @@ class EngineTimedOut(EngineFailed):
 
 def not_found(kind: str, requested: object, available: list[str]) -> NotFound:
     return NotFound(f"unknown {kind} {repr(requested)[:80]}; available: {', '.join(available) or 'none'}")
+
+
+class UnusableAvatar(ServiceError):
+    """The avatar exists but cannot be used (its picture has no face, say)."""
+
+    code = "bad_avatar"
