@@ -18,6 +18,7 @@ import time
 import uuid
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
 
 from engines.audio import pcm16
@@ -25,8 +26,8 @@ from media_server.http.errors import ApiError, bad_request, json_body
 from media_server.http.state import RUNTIME, SERVICE
 from media_server.service.audio import StreamResampler
 from media_server.service.chat import Reply, conversation, with_instructions
-from media_server.service.errors import BadInput, EngineFailed, ServiceError
-from media_server.service.speech import checked_speed, checked_text
+from media_server.service.errors import BadInput, ServiceError
+from media_server.service.speech import NO_AUDIO, checked_speed, checked_text
 
 log = logging.getLogger(__name__)
 PCM_RATE = 24000  # OpenAI's "pcm": what its clients assume
@@ -113,7 +114,7 @@ async def transcriptions(request: web.Request) -> web.Response:
         raise ApiError(415, "unsupported_media_type", 'send the audio as multipart/form-data with a "file" field')
     try:
         form = await request.post()
-    except ValueError as error:  # aiohttp's own words for a form it cannot parse
+    except (ValueError, HttpProcessingError) as error:  # aiohttp's own words for a form it cannot parse
         raise bad_request(f"the form could not be read: {error}") from None
     upload = form.get("file")
     if not isinstance(upload, FileField):
@@ -154,7 +155,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     async with contextlib.aclosing(pieces):
         first = await anext(pieces, None)  # before the status goes out: a failure here is still a JSON error
         if first is None:
-            raise EngineFailed("the tts engine gave no audio for the text")
+            raise BadInput(NO_AUDIO)
         response = web.StreamResponse(headers={"Content-Type": SPEECH_FORMATS[response_format]})
         await response.prepare(request)
         if response_format == "wav":

@@ -38,6 +38,8 @@ def checked_text(text: object, field: str, max_chars: int) -> str:
         raise BadInput(f'"{field}" has {len(text)} characters; the limit is {max_chars} (api.max_text_chars)')
     if UNSPEAKABLE.search(text):
         raise BadInput(f'"{field}" holds control characters or invalid Unicode (lone surrogates); send plain text')
+    if not any(character.isalnum() for character in text):
+        raise BadInput(f'"{field}" has nothing to say: no letters or digits')
     return text.strip()
 
 
@@ -96,8 +98,11 @@ async def spoken_reply(
             await writer
 
 
+NO_AUDIO = "the voice gave no audio for the text: is it in a language the voice speaks?"
+
+
 def joined(pieces: list[SpeechChunk]) -> tuple[np.ndarray, int]:
     """The pieces' audio as one clip, at their rate."""
     if not pieces:
-        raise EngineFailed("the tts engine gave no audio for the text")
+        raise BadInput(NO_AUDIO)
     return np.concatenate([piece.audio for piece in pieces]).astype(np.float32), pieces[0].sample_rate
