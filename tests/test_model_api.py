@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import io
 import json
@@ -27,6 +26,7 @@ from media_server.config import Settings
 from media_server.http.app import create_app
 from media_server.runtime import Runtime
 from media_server.testing.llama_server import free_port
+from media_server.testing.servers import served
 from media_server.testing.speech_corpus import espeak, word_error_rate
 from tests.test_render import probe
 
@@ -129,19 +129,6 @@ async def test_speech_with_the_openai_client(client: openai.AsyncOpenAI, runtime
     assert len(parts) >= 2  # streamed as it was synthesised, not in one piece
 
 
-@contextlib.asynccontextmanager
-async def served(runtime: Runtime) -> AsyncIterator[str]:
-    """Another app on the same loaded engines (other settings, or another engine swapped in), on a free port."""
-    runner = web.AppRunner(create_app(runtime))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-    finally:
-        await runner.cleanup()
-
-
 def with_api(runtime: Runtime, **changes: object) -> Runtime:
     settings: Settings = runtime.settings
     return dataclasses.replace(runtime, settings=settings.model_copy(update={"api": settings.api.model_copy(update=changes)}))
@@ -151,7 +138,7 @@ async def test_a_streamed_reply_whose_llm_server_is_down_ends_with_an_error_even
     down = OpenAILLM(OpenAILLM.Settings(base_url=f"http://127.0.0.1:{free_port()}/v1", retries=0))
     broken = dataclasses.replace(runtime, engines=dataclasses.replace(runtime.engines, llm=down))
     try:
-        async with served(broken) as base_url:
+        async with served(create_app(broken)) as base_url:
             body = {"model": "assistant", "messages": [{"role": "user", "content": "Hi"}], "stream": True}
             status, payload, headers = await call(base_url, "POST", "/v1/chat/completions", json=body)
             whole_status, whole, _ = await call(base_url, "POST", "/v1/chat/completions", json={**body, "stream": False})
@@ -268,7 +255,7 @@ async def test_limits_renders_queue_and_retention(runtime: Runtime, tmp_path: Pa
         runtime, max_body_bytes=200_000, max_audio_s=3.0, max_text_chars=40, render_queue=0, outputs_keep=2,
         outputs_dir=tmp_path,
     )  # fmt: skip
-    async with served(limited) as base_url:
+    async with served(create_app(limited)) as base_url:
         status, answer, _ = await call(base_url, "POST", "/v1/asr", json={"audio": "A" * 300_000})
         assert status == 413 and "api.max_body_bytes" in answer["error"]["message"]
         long_audio = b64(wav_file(np.zeros(4 * 16000, np.float32), 16000))
@@ -293,7 +280,7 @@ async def test_the_model_apis_answer_this_machine_only_until_a_token_is_set(base
     token = "a-long-enough-test-token"
     server = runtime.settings.server.model_copy(update={"api_token": token})
     protected = dataclasses.replace(runtime, settings=runtime.settings.model_copy(update={"server": server}))
-    async with served(protected) as protected_url:
+    async with served(create_app(protected)) as protected_url:
         status, _, headers = await call(protected_url, "POST", "/v1/tts", json={"text": "Hi"})
         assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
         status, _, _ = await call(protected_url, "GET", "/v1/models", headers={"Authorization": f"Bearer {token}"})

@@ -34,7 +34,7 @@ from engines.tts.openai import OpenAITTS
 from engines.tts.piper.engine import PiperTTS
 from media_server.config import load_settings
 from media_server.testing.speech_corpus import espeak, word_error_rate
-from media_server.testing import threaded_server
+from media_server.testing import servers
 from media_server.testing.llama_server import LlamaServer, free_port, running_llama_server
 from media_server.threads import iterate_in_thread
 
@@ -57,7 +57,7 @@ PIPER_RATE = 22050
 @contextlib.contextmanager
 def serving(app: web.Application) -> Iterator[str]:
     """``app`` served on a free loopback port; yields its API root (``.../v1``)."""
-    with threaded_server.serving(app) as root:
+    with servers.serving(app) as root:
         yield f"{root}/v1"
 
 

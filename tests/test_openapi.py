@@ -16,7 +16,7 @@ from engines.tts.piper.engine import PiperTTS
 from media_server.http.app import ROUTES, create_app
 from media_server.http.openapi import document
 from media_server.runtime import Runtime
-from media_server.testing.threaded_server import serving
+from media_server.testing.servers import serving
 
 # Operations that would start RTMP pushes to whatever URL the fuzzer writes (never to reach past this
 # machine), or fill every session slot with broadcasts: checked by tests/test_broadcast.py instead.
