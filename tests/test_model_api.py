@@ -22,7 +22,9 @@ from aiohttp import web
 
 from engines.audio import resample, wav_file
 from engines.llm.openai import OpenAILLM
-from media_server.config import Settings
+from engines import PROJECT_ROOT
+from media_server.cli.avatars import avatar_of_face
+from media_server.config import ConfigError, Settings, load_settings
 from media_server.http.app import create_app
 from media_server.runtime import Runtime
 from media_server.testing.llama_server import free_port
@@ -285,3 +287,36 @@ async def test_the_model_apis_answer_this_machine_only_until_a_token_is_set(base
         assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
         status, _, _ = await call(protected_url, "GET", "/v1/models", headers={"Authorization": f"Bearer {token}"})
         assert status == 200
+
+
+# --- OPEA's environment names -------------------------------------------------------------------------
+
+
+def test_opeas_environment_names_configure_the_server_and_lose_to_facecasts_own() -> None:
+    opea = {
+        "FACE": "default",
+        "FPS": "10",
+        "OUTFILE": "/outputs/result.mp4",
+        "INFERENCE_MODE": "wav2lip+gfpgan",
+        "CHECKPOINT_PATH": "/checkpoints/wav2lip_gan.pth",
+    }
+    settings = load_settings(None, {}, environ=opea)
+    assert (settings.server.default_avatar, settings.media.fps, settings.api.outputs_dir) == ("default", 10, Path("/outputs"))
+    assert settings.lipsync.engine == "wav2lip" and settings.lipsync.options == {"checkpoint": "/checkpoints/wav2lip_gan.pth"}
+    assert settings.enhancer is not None and settings.enhancer.engine == "gfpgan"
+    assert load_settings(None, {"media.fps": "25"}, environ={**opea, "FACECAST__LIPSYNC__ENGINE": "warp"}).media.fps == 25
+    assert load_settings(None, {}, environ={"INFERENCE_MODE": "wav2lip_only"}).enhancer is None
+    with pytest.raises(ConfigError, match="INFERENCE_MODE='sadtalker' .*wav2lip_only, wav2lip\\+gfpgan"):
+        load_settings(None, {}, environ={"INFERENCE_MODE": "sadtalker"})
+
+
+def test_a_face_photo_becomes_the_default_avatar(tmp_path: Path) -> None:
+    photo = tmp_path / "avatar5.jpg"
+    photo.write_bytes((PROJECT_ROOT / "avatars" / "default" / "portrait.jpg").read_bytes())
+    settings = load_settings(None, {"server.avatars_dir": str(tmp_path / "avatars")}, environ={"FACE": str(photo)})
+    adopted = avatar_of_face(settings, io.StringIO())
+    assert adopted.server.default_avatar == "avatar5" and (tmp_path / "avatars" / "avatar5" / "avatar.toml").is_file()
+    assert avatar_of_face(settings, io.StringIO()).server.default_avatar == "avatar5"  # added once
+    photo.write_bytes(b"not a picture")
+    with pytest.raises(ConfigError, match="cannot be an avatar"):
+        avatar_of_face(settings, io.StringIO())
