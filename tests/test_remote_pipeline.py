@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -213,3 +214,21 @@ async def _next_turn_works(client: LoopbackClient) -> None:
     client.send({"type": "text", "text": QUESTION})
     reply, heard = await spoken_answer(client, asked)
     assert reply["text"] == "Paris is the capital." and rms(heard) > 0.02
+
+
+async def test_a_streaming_chat_client_that_goes_away_stops_the_llm_server(
+    runtime: Runtime, llama_server: LlamaServer
+) -> None:
+    """Facecast's /v1/chat/completions on llm.engine = "openai": the client reads three chunks and closes
+    the connection; Facecast stops its own request, and llama.cpp's server says so."""
+    llm = OpenAILLM(OpenAILLM.Settings(base_url=llama_server.base_url, max_tokens=LONG_REPLY_TOKENS, temperature=0.0))
+    body = {"model": "assistant", "messages": [{"role": "user", "content": STORY}], "stream": True}
+    disconnects = llama_server.lines_with(SERVER_SAW_CLIENT_GO)
+    try:
+        async with served(create_app(with_llm(runtime, llm))) as base_url:
+            async with aiohttp.ClientSession() as http, http.post(f"{base_url}/v1/chat/completions", json=body) as response:
+                events = [await response.content.readuntil(b"\n\n") for _ in range(3)]
+            assert all(event.startswith(b"data: {") for event in events)
+            assert await asyncio.to_thread(llama_server.wait_for_lines_with, SERVER_SAW_CLIENT_GO, disconnects + 1, 10)
+    finally:
+        llm.close()

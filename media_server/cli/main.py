@@ -98,7 +98,8 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
 
 
 BENCHMARKS = {
-    name: f"cli.bench.{name}" for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak", "avatarchatbot")
+    name: f"cli.bench.{name}"
+    for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak", "avatarchatbot", "remote")
 }
 
 # Sub-commands that configure their own arguments: name, module, help.
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks", parents=[settable])
     bench.add_argument("what", choices=list(BENCHMARKS))
     bench.add_argument(
-        "-n", type=int, default=22, help="turn, avatarchatbot: questions to ask (22: the whole corpus once)"
+        "-n", type=int, default=22, help="turn, avatarchatbot, remote: questions to ask (22: the whole corpus once)"
     )
     bench.add_argument("--seconds", type=float, default=2.0, help="lipsync: timing budget per backend and batch size")
     bench.add_argument("--json", action="store_true", help="print one machine-readable JSON object")

@@ -98,6 +98,8 @@ async def _streamed(request: web.Request, reply: Reply, completion_id: str, mode
         async with contextlib.aclosing(aiter(reply)) as deltas:
             async for delta in deltas:
                 await response.write(_chunk(completion_id, model, {"content": delta}, None))
+    except ConnectionResetError:  # the client went away: leaving the loop has stopped the model
+        return response
     except ServiceError as error:
         failure = {"error": {"code": error.code, "message": error.message}}
         await response.write(f"data: {json.dumps(failure)}\n\n".encode())
@@ -171,6 +173,8 @@ async def speech(request: web.Request) -> web.StreamResponse:
                 piece = await anext(pieces, None)
                 if piece is None:
                     break
+        except ConnectionResetError:  # the client went away: leaving the loop has stopped the voice
+            return response
         except ServiceError as error:
             log.warning("speech cut short: %s", error)
             if request.transport is not None:  # the status is out: a body cut short is the only signal left

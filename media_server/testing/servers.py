@@ -16,8 +16,9 @@ START_TIMEOUT_S = 10.0
 
 @contextlib.asynccontextmanager
 async def served(app: web.Application, port: int = 0) -> AsyncIterator[str]:
-    """``app`` served on this event loop until the block ends (on ``port``, or a free one); yields its root URL."""
-    runner = web.AppRunner(app, shutdown_timeout=1, handler_cancellation=True)
+    """``app`` served on this event loop until the block ends (on ``port``, or a free one), as ``facecast serve``
+    serves it (a handler is not cancelled when its client goes away); yields its root URL."""
+    runner = web.AppRunner(app, shutdown_timeout=1)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()

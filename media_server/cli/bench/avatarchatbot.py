@@ -15,6 +15,7 @@ import urllib.request
 import av
 
 from engines.audio import resample, wav_file
+from media_server.cli.bench.output import print_summary
 from media_server.cli.bench.server import ServerProcess, free_ports
 from media_server.config import Settings
 from media_server.testing.speech_corpus import QUESTIONS, espeak
@@ -58,10 +59,5 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         key: {"p50": round(statistics.median(r[key] for r in rows), 2), "max": round(max(r[key] for r in rows), 2)}
         for key in ("question_s", "end_to_end_s", "answer_video_s", "real_time_factor")
     }
-    if args.json:
-        print(json.dumps({"summary": summary, "requests": rows}))
-        return
-    print(f"{'/v1/avatarchatbot, ' + str(len(rows)) + ' questions':<40}{'p50':>8}{'max':>8}")
-    for key, values in summary.items():
-        print(f"{key:<40}{values['p50']:>8}{values['max']:>8}")
-    print(f"lipsync.engine = {settings.lipsync.engine!r}; OPEA publishes 10-200 s for the same request")
+    title = f"/v1/avatarchatbot, {len(rows)} questions, lipsync.engine = {settings.lipsync.engine!r}"
+    print_summary({title: summary}, args.json, sections=True)
