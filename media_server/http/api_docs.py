@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from media_server.http.openapi import Body, Limit, Operation, json_body
+from media_server.service.speech import MAX_SPEED, MIN_SPEED
 
 Schema = dict[str, Any]
 TEXT: Schema = {"type": "string", "minLength": 1, "maxLength": Limit("api.max_text_chars")}
@@ -191,7 +192,7 @@ SPEECH = Operation(
                 "model": NAME,
                 "voice": NAME,
                 "response_format": {"type": "string", "enum": ["wav", "pcm"]},
-                "speed": {"type": "number", "minimum": 0.25, "maximum": 4.0},
+                "speed": {"type": "number", "minimum": MIN_SPEED, "maximum": MAX_SPEED},
             },
             ("input",),
         )

@@ -18,7 +18,7 @@ services overwrite one result.mp4); its path is the answer, and ``Location`` say
 from __future__ import annotations
 
 import base64
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from aiohttp import web
@@ -86,9 +86,16 @@ async def audioqna(request: web.Request) -> web.Response:
     return web.json_response(base64.b64encode(wav).decode())
 
 
+def _version() -> str:
+    try:
+        return version("facecast")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
 async def health_check(request: web.Request) -> web.Response:
     return web.json_response(
-        {"Service Title": SERVICE_TITLE, "Version": version("facecast"), "Service Description": SERVICE_DESCRIPTION}
+        {"Service Title": SERVICE_TITLE, "Version": _version(), "Service Description": SERVICE_DESCRIPTION}
     )
 
 

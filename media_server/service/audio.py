@@ -15,7 +15,7 @@ from engines.audio import resample
 from engines.base import VADEngine
 from media_server.service.errors import BadInput
 
-# What decoding is given up on: a container with no audio stream after this much probing, or audio past the limit.
+# How much of the input FFmpeg may read to find its format and streams.
 PROBE_BYTES = 4 * 1024 * 1024
 
 

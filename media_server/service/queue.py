@@ -31,7 +31,3 @@ class RenderQueue:
                 yield
         finally:
             self._admitted -= 1
-
-    @property
-    def admitted(self) -> int:
-        return self._admitted

@@ -65,10 +65,6 @@ class SpeechVideo:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._partial)
 
-    @property
-    def seconds(self) -> float:
-        return self._samples / self.sample_rate
-
     def _write(self, frames: list[AVFrame]) -> int:
         for frame in frames:
             picture = av.VideoFrame.from_ndarray(frame.video, format="bgr24")
