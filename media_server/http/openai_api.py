@@ -16,12 +16,14 @@ import logging
 import struct
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
 
 from engines.audio import pcm16
+from engines.base import SpeechChunk
 from media_server.http.errors import ApiError, bad_request, json_body
 from media_server.http.state import RUNTIME, SERVICE
 from media_server.service.audio import StreamResampler
@@ -143,6 +145,17 @@ def streamed_wav_header(rate: int) -> bytes:
     )  # fmt: skip
 
 
+async def _pcm(first: SpeechChunk, rest: AsyncIterator[SpeechChunk], rate: int | None) -> AsyncIterator[bytes]:
+    """16-bit PCM of ``first`` and the pieces after it, at their own rate or resampled to ``rate``."""
+    resampler = StreamResampler(first.sample_rate, rate) if rate is not None else None
+    piece: SpeechChunk | None = first
+    while piece is not None:
+        yield pcm16(piece.audio if resampler is None else resampler.push(piece.audio))
+        piece = await anext(rest, None)
+    if resampler is not None:
+        yield pcm16(resampler.flush())
+
+
 async def speech(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await json_body(request)
@@ -162,17 +175,9 @@ async def speech(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         if response_format == "wav":
             await response.write(streamed_wav_header(first.sample_rate))
-            resampler = None
-        else:
-            resampler = StreamResampler(first.sample_rate, PCM_RATE)
-        piece = first
         try:
-            while True:
-                audio = piece.audio if resampler is None else resampler.push(piece.audio)
-                await response.write(pcm16(audio))
-                piece = await anext(pieces, None)
-                if piece is None:
-                    break
+            async for data in _pcm(first, pieces, PCM_RATE if response_format == "pcm" else None):
+                await response.write(data)
         except ConnectionResetError:  # the client went away: leaving the loop has stopped the voice
             return response
         except ServiceError as error:
@@ -180,7 +185,5 @@ async def speech(request: web.Request) -> web.StreamResponse:
             if request.transport is not None:  # the status is out: a body cut short is the only signal left
                 request.transport.close()
             return response
-        if resampler is not None:
-            await response.write(pcm16(resampler.flush()))
     await response.write_eof()
     return response
