@@ -230,7 +230,8 @@ def avatar_of_face(settings: Settings, progress_stream: TextIO = sys.stderr) -> 
         if not folder.is_dir() or load_avatar(folder).source_hash != sha256_of(face):
             add_avatar(root, name, face, replace=True, progress_stream=progress_stream)
     except (AvatarError, OSError) as error:
-        raise ConfigError(f"server.default_avatar (or OPEA's FACE) {str(face)!r} cannot be an avatar: {error}") from None
+        message = f"server.default_avatar (or OPEA's FACE) {str(face)!r} cannot be an avatar: {error}"
+        raise ConfigError(message) from None
     server = settings.server.model_copy(update={"default_avatar": name})
     return settings.model_copy(update={"server": server})
 

@@ -118,7 +118,7 @@ WHEP_STOP = Operation("Stop watching (WHEP)", "watch", responses={200: CLOSED})
 
 # --- about the server --------------------------------------------------------------------------------
 
-OPTIONS = Operation("The avatars, personas, voices and ICE servers the pages offer", "server", responses={200: ANY_OBJECT})
+OPTIONS = Operation("Avatars, personas, voices and ICE servers the pages offer", "server", responses={200: ANY_OBJECT})
 AVATAR_MASK = Operation("An avatar cut out from its background", "server", responses={200: Body("image/png", BINARY)})
 HEALTHZ = Operation("Whether the server is up (every engine loaded)", "server", responses={200: ANY_OBJECT})
 METRICS = Operation("Prometheus metrics", "server", responses={200: Body("text/plain", {"type": "string"})})
