@@ -1,7 +1,10 @@
-"""Audio helpers every stage shares: sample-rate conversion (libswresample, through PyAV) and where speech
-starts in a clip."""
+"""Audio helpers every stage shares: sample-rate conversion (libswresample, through PyAV), 16-bit PCM and WAV
+files, and where speech starts in a clip."""
 
 from __future__ import annotations
+
+import io
+import wave
 
 import av
 import numpy as np
@@ -19,6 +22,22 @@ def resample(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarra
     parts = [out.to_ndarray()[0] for out in resampler.resample(frame)]
     parts += [out.to_ndarray()[0] for out in resampler.resample(None)]
     return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    """float32 samples in [-1, 1] as 16-bit little-endian PCM."""
+    return (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+
+
+def wav_file(samples: np.ndarray, rate: int) -> bytes:
+    """``samples`` (float32 mono in [-1, 1]) as a 16-bit mono WAV file."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as file:
+        file.setnchannels(1)
+        file.setsampwidth(2)
+        file.setframerate(rate)
+        file.writeframes(pcm16(samples))
+    return buffer.getvalue()
 
 
 ONSET_FRAME_S = 0.005

@@ -166,6 +166,19 @@ class DeadlineSettings(Strict):
     lipsync_s: float = Field(10.0, gt=0)  # to render one piece of speech
 
 
+class ApiSettings(Strict):
+    """The model APIs any OpenAI client or OPEA service can call (http/openai_api.py, http/opea.py)."""
+
+    # Their requests carry audio (base64 or multipart), so they may be larger than server.max_body_bytes.
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_audio_s: float = Field(120.0, gt=0)  # longer audio is refused (400) before any model hears it
+    max_text_chars: int = Field(4000, ge=1)  # of a text to speak, and of a chat request's messages together
+    max_concurrent_renders: int = Field(1, ge=1)  # MP4s rendered at once (/v1/animation, /v1/avatarchatbot...)
+    render_queue: int = Field(4, ge=0)  # renders that may wait for one of those; more get 503 with Retry-After
+    outputs_dir: Path = PROJECT_ROOT / "outputs"  # where rendered MP4s go (OPEA's OUTFILE sets its folder)
+    outputs_keep: int = Field(100, ge=1)  # the newest MP4s kept there; older ones are deleted
+
+
 class StageSettings(BaseModel):
     """``engine`` names the implementation; every other key is that engine's own option."""
 
@@ -202,6 +215,7 @@ class Settings(Strict):
     memory: MemorySettings = MemorySettings()
     echo: EchoSettings = EchoSettings()
     deadlines: DeadlineSettings = DeadlineSettings()
+    api: ApiSettings = ApiSettings()
     vad: StageSettings
     asr: StageSettings
     llm: StageSettings
@@ -236,6 +250,37 @@ def _refuse_moved_keys(tree: Mapping[str, Any]) -> None:
     if isinstance(turn, Mapping):
         moves = ", ".join(f"turn.{key} is now {MOVED_TURN_KEYS.get(key, 'gone')}" for key in turn)
         raise ConfigError(f"the [turn] section was split into [turn_taking], [reply], [memory] and [echo]: {moves}")
+
+
+# OPEA's environment names (GenAIComps' wav2lip service and the AvatarChatbot compose files), read where they
+# mean the same thing here. They come right after config/default.toml: a config file, FACECAST__ variables
+# and --set flags win over them.
+OPEA_INFERENCE_MODES: dict[str, dict[str, Any]] = {
+    "wav2lip_only": {"lipsync.engine": "wav2lip"},
+    "wav2lip+gfpgan": {"lipsync.engine": "wav2lip", "enhancer.engine": "gfpgan"},
+}
+
+
+def _from_opea_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from OPEA's FACE (the default avatar), FPS, OUTFILE (its folder holds the MP4s),
+    INFERENCE_MODE (Wav2Lip, with GFPGAN or without) and CHECKPOINT_PATH (the Wav2Lip checkpoint)."""
+    given = {name: environ[name].strip() for name in ("FACE", "FPS", "OUTFILE", "INFERENCE_MODE") if environ.get(name)}
+    found: dict[str, Any] = {}
+    if "FACE" in given:
+        found["server.default_avatar"] = given["FACE"]
+    if "FPS" in given:
+        found["media.fps"] = _parse_value(given["FPS"])
+    if "OUTFILE" in given:
+        found["api.outputs_dir"] = str(Path(given["OUTFILE"]).parent)
+    if "INFERENCE_MODE" in given:
+        mode = given["INFERENCE_MODE"]
+        if mode not in OPEA_INFERENCE_MODES:
+            modes = ", ".join(OPEA_INFERENCE_MODES)
+            raise ConfigError(f"INFERENCE_MODE={mode[:40]!r} (OPEA's variable): use one of {modes}")
+        found.update(OPEA_INFERENCE_MODES[mode])
+        if environ.get("CHECKPOINT_PATH", "").strip():
+            found["lipsync.checkpoint"] = environ["CHECKPOINT_PATH"].strip()
+    return found
 
 
 def _parse_value(text: str) -> Any:
@@ -291,12 +336,22 @@ def _is_engine_key(dotted: str) -> bool:
     return bool(stage) and key == "engine"
 
 
+def _with_settings(tree: dict[str, Any], dotted_values: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` with each ``section.key`` set; a stage given another engine first drops its former options."""
+    engines = {dotted.split(".")[0]: value for dotted, value in dotted_values.items() if _is_engine_key(dotted)}
+    tree = _switch_engines(tree, engines)
+    for dotted, value in dotted_values.items():
+        _set_path(tree, dotted, value)
+    return tree
+
+
 def load_settings(
     config_file: Path | None = None,
     overrides: Mapping[str, str] = {},
     environ: Mapping[str, str] = os.environ,
 ) -> Settings:
     tree = _read_toml(DEFAULT_CONFIG)
+    tree = _with_settings(tree, _from_opea_environment(environ))
     if config_file is not None:
         user = _read_toml(config_file)
         engines = {
@@ -312,10 +367,7 @@ def load_settings(
     }
     from_flags = {dotted: _parse_value(text) for dotted, text in overrides.items()}
     for source in (from_environment, from_flags):
-        engines = {dotted.split(".")[0]: value for dotted, value in source.items() if _is_engine_key(dotted)}
-        tree = _switch_engines(tree, engines)
-        for dotted, value in source.items():
-            _set_path(tree, dotted, value)
+        tree = _with_settings(tree, source)
     _refuse_moved_keys(tree)
     try:
         return Settings.model_validate(tree)

@@ -20,8 +20,9 @@ MAX_TEST_SESSIONS = 3
 
 
 @pytest.fixture(scope="session")
-def runtime() -> Runtime:
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
     overrides = {
+        "api.outputs_dir": str(tmp_path_factory.mktemp("outputs")),
         "server.max_sessions": str(MAX_TEST_SESSIONS),
         "server.client_timeout_s": "4",
         "server.offers_per_minute": "0",  # every test connects from 127.0.0.1: the limit is tested on its own

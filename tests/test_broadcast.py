@@ -28,6 +28,7 @@ from aiortc.mediastreams import MediaStreamTrack
 from media_server.http.app import create_app
 from media_server.http.state import SESSIONS
 from media_server.testing.loopback_client import LoopbackClient
+from media_server.testing.processes import free_port, stop_process
 
 TOKEN = "test-token-0123456789abcdef"
 LOUD_RMS = 0.02
@@ -207,12 +208,6 @@ async def test_whep_offer_answer_and_delete(base_url, broadcasts):
 # --- RTMP push to a real nginx-rtmp --------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 NGINX_CONF = """load_module {module};
 daemon off;
 master_process off;
@@ -235,7 +230,7 @@ def rtmp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not NGINX.exists() or not RTMP_MODULE.exists():
         pytest.skip("nginx with the RTMP module is not installed (apt-get install nginx libnginx-mod-rtmp)")
     directory = tmp_path_factory.mktemp("nginx")
-    port = _free_port()
+    port = free_port()
     conf = directory / "nginx.conf"
     conf.write_text(NGINX_CONF.format(module=RTMP_MODULE, dir=directory, port=port))
     process = subprocess.Popen([str(NGINX), "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)])
@@ -249,8 +244,7 @@ def rtmp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.1)
         yield f"rtmp://127.0.0.1:{port}/live"
     finally:
-        process.terminate()
-        process.wait(10)
+        stop_process(process)
         shutil.rmtree(directory, ignore_errors=True)
 
 

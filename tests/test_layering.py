@@ -1,5 +1,5 @@
 """The tree's layers, kept true: engines below the server, the server's layers in the order data flows
-(http → sessions → conversation → media), test support out of the server, and no import cycles."""
+(http → service → sessions → conversation → media), test support out of the server, and no import cycles."""
 
 from __future__ import annotations
 
@@ -12,8 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engines", "media_server")
 # What the server's layers may use of the engines: their interfaces, the registry, avatars, audio helpers.
 ENGINE_INTERFACES = {"engines", "engines.base", "engines.registry", "engines.avatar", "engines.audio"}
-# Each layer may import the layers after it, never those before it.
-SERVER_LAYERS = ("media_server.http", "media_server.sessions", "media_server.conversation", "media_server.media")
+# Each layer may import the layers after it, never those before it. The model APIs' work (service) sits
+# between HTTP and the sessions: it uses the conversation's pieces (chunker, deadlines), never a session.
+SERVER_LAYERS = (
+    "media_server.http",
+    "media_server.service",
+    "media_server.sessions",
+    "media_server.conversation",
+    "media_server.media",
+)
 LIVE_SERVER = (*SERVER_LAYERS, "media_server.runtime", "media_server.config", "media_server.metrics", "media_server.threads")
 
 

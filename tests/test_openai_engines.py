@@ -5,7 +5,6 @@ requests with the real embedded Whisper and the real Piper voice, so real speech
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import io
 import json
@@ -34,6 +33,7 @@ from engines.registry import create_engine
 from engines.tts.openai import OpenAITTS
 from engines.tts.piper.engine import PiperTTS
 from media_server.config import load_settings
+from media_server.testing import servers
 from media_server.testing.llama_server import LlamaServer, running_llama_server
 from media_server.testing.processes import free_port
 from media_server.testing.speech_corpus import espeak, word_error_rate
@@ -52,32 +52,14 @@ LONG_REPLY_TOKENS = 1500  # the base model loops on the llama-2 chat format unti
 PIPER_RATE = 22050
 
 
-# --- a real aiohttp server on loopback, in a thread of its own -------------------------------
+# --- a real aiohttp server on loopback -------------------------------------------------------
 
 
 @contextlib.contextmanager
 def serving(app: web.Application) -> Iterator[str]:
     """``app`` served on a free loopback port; yields its API root (``.../v1``)."""
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app, shutdown_timeout=1, handler_cancellation=True)
-    port: concurrent.futures.Future[int] = concurrent.futures.Future()
-
-    def run() -> None:
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        port.set_result(site._server.sockets[0].getsockname()[1])
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port.result(10)}/v1"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    with servers.serving(app) as root:
+        yield f"{root}/v1"
 
 
 @dataclass

@@ -7,13 +7,11 @@ faster-whisper engine when ``local_partials`` is on, and are skipped otherwise.
 
 from __future__ import annotations
 
-import io
-import wave
-
 import aiohttp
 import numpy as np
 
 from engines.asr.faster_whisper import FasterWhisperASR
+from engines.audio import wav_file
 from engines.base import ASREngine, Transcript, mono_samples
 from engines.openai_compatible import OpenAIClient, RemoteSettings
 
@@ -85,15 +83,3 @@ class OpenAIASR(ASREngine):
         self._client.close()
         if self._local is not None:
             self._local.close()
-
-
-def wav_file(samples: np.ndarray, rate: int) -> bytes:
-    """``samples`` (float32 in [-1, 1]) as a 16-bit mono WAV file."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as file:
-        file.setnchannels(1)
-        file.setsampwidth(2)
-        file.setframerate(rate)
-        file.writeframes(pcm.tobytes())
-    return buffer.getvalue()

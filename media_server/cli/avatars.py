@@ -36,7 +36,7 @@ from engines.avatar import (
     smooth_boxes,
 )
 from engines.embedded_models import sha256_of
-from media_server.config import Settings
+from media_server.config import ConfigError, Settings
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 MAX_DIMENSION = 8192  # per side, checked before decoding: a small file can still hold an enormous picture
@@ -215,6 +215,25 @@ def _move_into_place(staging: Path, final: Path) -> None:
         os.rename(retired, final)
         raise
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def avatar_of_face(settings: Settings, progress_stream: TextIO = sys.stderr) -> Settings:
+    """``settings`` with ``server.default_avatar`` an avatar name: OPEA's FACE may name a photo or video file
+    instead, which becomes an avatar named after the file (added once, again only when the file changes)."""
+    face = Path(settings.server.default_avatar)
+    if face.suffix.lower() not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+        return settings
+    name = re.sub(r"[^a-z0-9_-]+", "-", face.stem.lower()).strip("-_")[:64] or "face"
+    root = settings.server.avatars_dir
+    folder = root / name
+    try:
+        if not folder.is_dir() or load_avatar(folder).source_hash != sha256_of(face):
+            add_avatar(root, name, face, replace=True, progress_stream=progress_stream)
+    except (AvatarError, OSError) as error:
+        message = f"server.default_avatar (or OPEA's FACE) {str(face)!r} cannot be an avatar: {error}"
+        raise ConfigError(message) from None
+    server = settings.server.model_copy(update={"default_avatar": name})
+    return settings.model_copy(update={"server": server})
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

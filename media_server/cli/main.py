@@ -63,10 +63,11 @@ def tls_context(server: ServerSettings) -> ssl.SSLContext | None:
 def _serve(args: argparse.Namespace) -> None:
     from aiohttp import web
 
+    from media_server.cli.avatars import avatar_of_face
     from media_server.http.app import create_app
     from media_server.runtime import Runtime
 
-    settings = _settings(args)
+    settings = avatar_of_face(_settings(args))
     server = settings.server
     context = tls_context(server)
     runtime = Runtime.load(settings)
@@ -96,7 +97,10 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
-BENCHMARKS = {name: f"cli.bench.{name}" for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak")}
+BENCHMARKS = {
+    name: f"cli.bench.{name}"
+    for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak", "avatarchatbot", "remote")
+}
 
 # Sub-commands that configure their own arguments: name, module, help.
 TOOL_COMMANDS = (
@@ -134,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(run=_doctor)
     bench = commands.add_parser("bench", help="benchmarks", parents=[settable])
     bench.add_argument("what", choices=list(BENCHMARKS))
-    bench.add_argument("-n", type=int, default=22, help="turn: questions to ask (22: the whole corpus once)")
+    bench.add_argument(
+        "-n", type=int, default=22, help="turn, avatarchatbot, remote: questions to ask (22: the whole corpus once)"
+    )
     bench.add_argument("--seconds", type=float, default=2.0, help="lipsync: timing budget per backend and batch size")
     bench.add_argument("--json", action="store_true", help="print one machine-readable JSON object")
     bench.add_argument(

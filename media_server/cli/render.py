@@ -2,36 +2,30 @@
 
 The offline counterpart of a live reply (OPEA's ``/v1/animation``): the audio goes through the very
 lip-sync engine and stream the server uses (whichever ``lipsync.engine`` the configuration names),
-pushed in half-second pieces and pulled as it goes, and the frames it returns, each with exactly its
-own audio, are encoded as they come: H.264 video and AAC audio in an MP4. The file is written under
-a temporary name next to ``--out`` and renamed when complete.
+pushed in half-second pieces, and the frames it returns, each with exactly its own audio, are encoded as
+they come: H.264 video and AAC audio in an MP4 (``service/video.py``, which the server's
+``/v1/animation`` uses too).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fractions
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-import av
-import numpy as np
-
 from engines.avatar import AvatarCatalogue, AvatarError
-from engines.base import AVFrame, EngineConfigError, FaceEnhancer, LipSyncEngine
+from engines.base import EngineConfigError, FaceEnhancer, LipSyncEngine
 from engines.registry import create_engine
 from media_server.cli.avatars import Progress
 from media_server.config import Settings
+from media_server.service.audio import read_audio
+from media_server.service.errors import BadInput
+from media_server.service.video import SpeechVideo
 
 PUSH_SECONDS = 0.5
-VIDEO_CODEC, AUDIO_CODEC = "libx264", "aac"
-VIDEO_OPTIONS = {"crf": "20", "preset": "veryfast"}
-AUDIO_BIT_RATE = 128_000
 
 
 class RenderError(ValueError):
@@ -44,60 +38,6 @@ class RenderSummary:
     frames: int
     audio_seconds: float
     render_seconds: float
-
-
-def read_audio(path: Path, sample_rate: int) -> np.ndarray:
-    """Any audio FFmpeg can decode, as float32 mono at ``sample_rate``."""
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    parts: list[np.ndarray] = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                raise RenderError(f"{path} holds no audio stream")
-            for frame in container.decode(audio=0):
-                parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
-    except (av.error.FFmpegError, UnicodeDecodeError) as error:
-        raise RenderError(f"{path} could not be read as audio: {error}") from error
-    parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-    audio = np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-    if not audio.size:
-        raise RenderError(f"{path} holds no audio samples")
-    return audio
-
-
-class _Mp4Writer:
-    """Encodes AVFrames as they come: frame k is video pts k and audio samples [k*spf, (k+1)*spf)."""
-
-    def __init__(
-        self, container: av.container.OutputContainer, size: tuple[int, int], fps: int, sample_rate: int
-    ) -> None:
-        self.container = container
-        self.sample_rate = sample_rate
-        self.video = container.add_stream(VIDEO_CODEC, rate=fps, options=VIDEO_OPTIONS)
-        self.video.width, self.video.height = size
-        self.video.pix_fmt = "yuv420p"
-        self.video.time_base = fractions.Fraction(1, fps)
-        self.audio = container.add_stream(AUDIO_CODEC, rate=sample_rate, layout="mono")
-        self.audio.bit_rate = AUDIO_BIT_RATE
-        self.frames = 0
-        self._samples = 0
-
-    def write(self, frames: list[AVFrame]) -> None:
-        for frame in frames:
-            picture = av.VideoFrame.from_ndarray(frame.video, format="bgr24")
-            picture.pts = self.frames
-            self.container.mux(self.video.encode(picture))
-            sound = av.AudioFrame.from_ndarray(frame.audio[None, :].astype(np.float32), format="flt", layout="mono")
-            sound.sample_rate = self.sample_rate
-            sound.pts = self._samples
-            sound.time_base = fractions.Fraction(1, self.sample_rate)
-            self.container.mux(self.audio.encode(sound))
-            self.frames += 1
-            self._samples += len(frame.audio)
-
-    def flush(self) -> None:
-        self.container.mux(self.video.encode(None))
-        self.container.mux(self.audio.encode(None))
 
 
 def _engine(settings: Settings) -> LipSyncEngine:
@@ -121,39 +61,29 @@ def render(
             f"no avatar {avatar_name!r} in {catalogue.root}; there are: {', '.join(catalogue.names()) or 'none'}"
         )
     fps, sample_rate = settings.media.fps, settings.media.sample_rate
-    audio = read_audio(audio_path, sample_rate)
+    try:
+        audio = read_audio(audio_path, sample_rate, what=str(audio_path))
+    except BadInput as error:
+        raise RenderError(str(error)) from None
     avatar = catalogue.get(avatar_name)
     engine = _engine(settings)
     started = time.perf_counter()
     try:
         engine.prepare(avatar)
-        stream = engine.open_stream(avatar, fps, sample_rate)
+        video = SpeechVideo(engine, avatar, out_path, fps, sample_rate)
         piece = int(PUSH_SECONDS * sample_rate)
         progress = Progress("rendering", -(-len(audio) * fps // sample_rate), progress_stream)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out_path.with_name(f".{out_path.stem}.{os.getpid()}.partial.mp4")
         try:
-            with av.open(temporary, "w", format="mp4") as container:
-                writer = _Mp4Writer(container, avatar.size, fps, sample_rate)
-                for offset in range(0, len(audio), piece):
-                    stream.push_audio(audio[offset : offset + piece])
-                    frames = stream.pull()
-                    writer.write(frames)
-                    progress.advance(len(frames))
-                stream.end_segment()
-                frames = stream.pull()
-                writer.write(frames)
-                progress.advance(len(frames))
-                writer.flush()
-            progress.close()
-            os.replace(temporary, out_path)
+            for offset in range(0, len(audio), piece):
+                progress.advance(video.push(audio[offset : offset + piece]))
+            progress.advance(video.finish())
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
+            video.abandon()
             raise
+        progress.close()
     finally:
         engine.close()
-    return RenderSummary(out_path, writer.frames, len(audio) / sample_rate, time.perf_counter() - started)
+    return RenderSummary(out_path, video.frames, len(audio) / sample_rate, time.perf_counter() - started)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ the cores (``reply.first_chunk_priority``), and TTS runs no further ahead of pla
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
@@ -56,12 +57,7 @@ class Replier:
 
     def llm_deltas(self, turn: Turn, persona: Persona, history: list[ChatMessage]) -> AsyncIterator[str]:
         """The LLM's reply to the last message of ``history`` as deltas, within its deadlines."""
-        deltas = iterate_in_thread(
-            lambda cancelled: self.llm.stream_reply(persona, history, cancelled.is_set), running=turn.llm_may_run
-        )
-        first = (self.deadlines.llm_first_token_s, "llm_first_token_s")
-        following = (self.deadlines.llm_next_token_s, "llm_next_token_s")
-        return items_within(deltas, first, following, "llm")
+        return timed_llm_deltas(self.llm, persona, history, self.deadlines, running=turn.llm_may_run)
 
     async def reply(
         self, turn: Turn, deltas: AsyncIterator[str], written: Callable[[Turn], Awaitable[None]], speed: float = 1.0
@@ -109,7 +105,7 @@ class Replier:
         while (text := await chunks.get()) is not None:
             if self.settings.speak_ahead_s:
                 await self.output.wait_until_ahead_below(turn.id, self.settings.speak_ahead_s)
-            async for chunk in self._speech(text, speed):
+            async for chunk in timed_speech(self.tts, text, self.voice, speed, self.deadlines):
                 turn.mark("first_tts_audio")
                 audio, phonemes = resample(chunk.audio, chunk.sample_rate, rate), chunk.phonemes
                 if trim_pending:
@@ -121,10 +117,29 @@ class Replier:
             turn.llm_may_run.set()
         return await within(self.output.end_turn(turn.id), self.deadlines.lipsync_s, "lipsync", "lipsync_s")
 
-    def _speech(self, text: str, speed: float) -> AsyncIterator[SpeechChunk]:
-        pieces = iterate_in_thread(lambda cancelled: self.tts.synthesize(text, self.voice, speed))
-        deadline = (self.deadlines.tts_s, "tts_s")
-        return items_within(pieces, deadline, deadline, "tts")
+
+def timed_llm_deltas(
+    llm: LLMEngine,
+    persona: Persona,
+    history: list[ChatMessage],
+    deadlines: DeadlineSettings,
+    running: threading.Event | None = None,
+) -> AsyncIterator[str]:
+    """The LLM's reply to the last message of ``history`` as deltas, each within its deadline; with
+    ``running``, the model pauses while it is clear. Leaving early stops the model."""
+    deltas = iterate_in_thread(lambda cancelled: llm.stream_reply(persona, history, cancelled.is_set), running=running)
+    first = (deadlines.llm_first_token_s, "llm_first_token_s")
+    following = (deadlines.llm_next_token_s, "llm_next_token_s")
+    return items_within(deltas, first, following, "llm")
+
+
+def timed_speech(
+    tts: TTSEngine, text: str, voice: str, speed: float, deadlines: DeadlineSettings
+) -> AsyncIterator[SpeechChunk]:
+    """``text`` spoken as it is synthesised, each piece within ``deadlines.tts_s``."""
+    pieces = iterate_in_thread(lambda cancelled: tts.synthesize(text, voice, speed))
+    deadline = (deadlines.tts_s, "tts_s")
+    return items_within(pieces, deadline, deadline, "tts")
 
 
 def from_onset(

@@ -13,13 +13,25 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from media_server.http import broadcasts, info, talk, whep
+from media_server.http import api_docs as docs
+from media_server.http import broadcasts, info, opea, openai_api, talk, whep
 from media_server.http.access import Access, access_middleware
 from media_server.http.errors import ApiError, Handler, errors_as_json
 from media_server.http.limits import OfferLimiter
-from media_server.http.state import AVATAR_MASKS, METRICS, OFFER_LIMITER, ON_DEMAND_START, RUNTIME, SESSIONS
+from media_server.http.openapi import Operation, openapi_json
+from media_server.http.state import (
+    AVATAR_MASKS,
+    METRICS,
+    OFFER_LIMITER,
+    ON_DEMAND_START,
+    ROUTE_TABLE,
+    RUNTIME,
+    SERVICE,
+    SESSIONS,
+)
 from media_server.metrics import ServerMetrics
 from media_server.runtime import Runtime
+from media_server.service.service import ModelService
 from media_server.sessions.registry import SessionRegistry
 
 PAGES = {"/": "index.html", "/kiosk": "kiosk.html", "/obs": "obs.html", "/embed.js": "embed.js"}
@@ -31,31 +43,51 @@ class Route:
     path: str
     handler: Handler
     access: Access
+    doc: Operation  # what /openapi.json says of it
+    uploads: bool = False  # its requests carry audio: bodies up to api.max_body_bytes, not server.max_body_bytes
 
 
 ROUTES = (
     # Talk sessions: a browser's peer connection.
-    Route("POST", "/offer", talk.offer, Access.CLIENT),
-    Route("DELETE", "/sessions/{session_id}", talk.delete_session, Access.CLIENT),
+    Route("POST", "/offer", talk.offer, Access.CLIENT, docs.OFFER),
+    Route("DELETE", "/sessions/{session_id}", talk.delete_session, Access.CLIENT, docs.DELETE_TALK),
     # Broadcast sessions, driven by programs.
-    Route("POST", "/api/sessions", broadcasts.create_session, Access.CONTROL),
-    Route("GET", "/api/sessions", broadcasts.list_sessions, Access.CONTROL),
-    Route("GET", "/api/sessions/{session_id}", broadcasts.get_session, Access.CONTROL),
-    Route("DELETE", "/api/sessions/{session_id}", broadcasts.delete_session, Access.CONTROL),
-    Route("POST", "/api/sessions/{session_id}/say", broadcasts.say, Access.CONTROL),
-    Route("POST", "/api/sessions/{session_id}/chat", broadcasts.chat, Access.CONTROL),
-    Route("POST", "/api/sessions/{session_id}/interrupt", broadcasts.interrupt, Access.CONTROL),
-    Route("POST", "/api/sessions/{session_id}/rtmp", broadcasts.start_rtmp, Access.CONTROL),
-    Route("DELETE", "/api/sessions/{session_id}/rtmp", broadcasts.stop_rtmp, Access.CONTROL),
+    Route("POST", "/api/sessions", broadcasts.create_session, Access.CONTROL, docs.CREATE_BROADCAST),
+    Route("GET", "/api/sessions", broadcasts.list_sessions, Access.CONTROL, docs.LIST_BROADCASTS),
+    Route("GET", "/api/sessions/{session_id}", broadcasts.get_session, Access.CONTROL, docs.GET_BROADCAST),
+    Route("DELETE", "/api/sessions/{session_id}", broadcasts.delete_session, Access.CONTROL, docs.DELETE_BROADCAST),
+    Route("POST", "/api/sessions/{session_id}/say", broadcasts.say, Access.CONTROL, docs.SAY),
+    Route("POST", "/api/sessions/{session_id}/chat", broadcasts.chat, Access.CONTROL, docs.CHAT),
+    Route("POST", "/api/sessions/{session_id}/interrupt", broadcasts.interrupt, Access.CONTROL, docs.INTERRUPT),
+    Route("POST", "/api/sessions/{session_id}/rtmp", broadcasts.start_rtmp, Access.CONTROL, docs.START_RTMP),
+    Route("DELETE", "/api/sessions/{session_id}/rtmp", broadcasts.stop_rtmp, Access.CONTROL, docs.STOP_RTMP),
     # Watching a broadcast.
-    Route("POST", "/whep", whep.offer, Access.CLIENT),
-    Route("POST", "/whep/{session_id}", whep.offer, Access.CLIENT),
-    Route("DELETE", "/whep/{session_id}/{viewer_id}", whep.stop, Access.CLIENT),
+    Route("POST", "/whep", whep.offer, Access.CLIENT, docs.WHEP_OFFER),
+    Route("POST", "/whep/{session_id}", whep.offer, Access.CLIENT, docs.WHEP_OFFER),
+    Route("DELETE", "/whep/{session_id}/{viewer_id}", whep.stop, Access.CLIENT, docs.WHEP_STOP),
+    # The OpenAI-compatible model API.
+    Route("GET", "/v1/models", openai_api.models, Access.CONTROL, docs.MODELS),
+    Route("POST", "/v1/chat/completions", openai_api.chat_completions, Access.CONTROL, docs.CHAT_COMPLETIONS),
+    Route(
+        "POST", "/v1/audio/transcriptions", openai_api.transcriptions, Access.CONTROL, docs.TRANSCRIPTIONS, uploads=True
+    ),
+    Route("POST", "/v1/audio/speech", openai_api.speech, Access.CONTROL, docs.SPEECH),
+    # The OPEA-compatible model API.
+    Route("POST", "/v1/asr", opea.asr, Access.CONTROL, docs.ASR, uploads=True),
+    Route("POST", "/v1/tts", opea.tts, Access.CONTROL, docs.TTS),
+    Route("POST", "/v1/animation", opea.animation, Access.CONTROL, docs.ANIMATION, uploads=True),
+    Route("POST", "/v1/wav2lip", opea.wav2lip, Access.CONTROL, docs.WAV2LIP, uploads=True),
+    Route("POST", "/v1/avatarchatbot", opea.avatarchatbot, Access.CONTROL, docs.AVATARCHATBOT, uploads=True),
+    Route("POST", "/v1/audioqna", opea.audioqna, Access.CONTROL, docs.AUDIOQNA, uploads=True),
+    Route("GET", "/outputs/{name}", opea.output, Access.CONTROL, docs.OUTPUT),
+    Route("GET", "/v1/health_check", opea.health_check, Access.PAGE, docs.HEALTH_CHECK),
+    Route("GET", "/health", opea.health, Access.PAGE, docs.HEALTH),
     # About the server.
-    Route("GET", "/api/options", info.options, Access.CLIENT),
-    Route("GET", "/api/avatars/{name}/mask.png", info.avatar_mask, Access.CLIENT),
-    Route("GET", "/healthz", info.healthz, Access.PAGE),
-    Route("GET", "/metrics", info.metrics, Access.PAGE),
+    Route("GET", "/api/options", info.options, Access.CLIENT, docs.OPTIONS),
+    Route("GET", "/api/avatars/{name}/mask.png", info.avatar_mask, Access.CLIENT, docs.AVATAR_MASK),
+    Route("GET", "/healthz", info.healthz, Access.PAGE, docs.HEALTHZ),
+    Route("GET", "/metrics", info.metrics, Access.PAGE, docs.METRICS),
+    Route("GET", "/openapi.json", openapi_json, Access.PAGE, docs.OPENAPI),
 )
 
 
@@ -75,6 +107,19 @@ async def static_file(request: web.Request) -> web.FileResponse:
     return web.FileResponse(path)
 
 
+def with_body_limit(handler: Handler, limit: int) -> Handler:
+    """``handler`` reading bodies of up to ``limit`` bytes (api.max_body_bytes)."""
+
+    async def limited(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request.clone(client_max_size=limit))
+        except web.HTTPRequestEntityTooLarge:
+            message = f"request body over the limit of {limit} bytes (api.max_body_bytes)"
+            raise ApiError(413, "too_large", message) from None
+
+    return limited
+
+
 def create_app(runtime: Runtime) -> web.Application:
     server = runtime.settings.server
     access: dict[AbstractRoute, Access] = {}
@@ -88,8 +133,13 @@ def create_app(runtime: Runtime) -> web.Application:
     app[OFFER_LIMITER] = OfferLimiter(server.offers_per_minute)
     app[ON_DEMAND_START] = asyncio.Lock()
     app[AVATAR_MASKS] = {}
+    app[SERVICE] = ModelService(runtime)
+    app[ROUTE_TABLE] = ROUTES
     for route in ROUTES:
-        access[app.router.add_route(route.method, route.path, route.handler)] = route.access
+        handler = route.handler
+        if route.uploads:
+            handler = with_body_limit(handler, runtime.settings.api.max_body_bytes)
+        access[app.router.add_route(route.method, route.path, handler)] = route.access
     for path, page in PAGES.items():
         app.router.add_get(path, _page(page))
     app.router.add_get("/static/{path:.+}", static_file)

@@ -12,6 +12,15 @@ from typing import TypeVar
 
 from aiohttp import web
 
+from media_server.service.errors import (
+    BadInput,
+    Busy,
+    EngineFailed,
+    EngineTimedOut,
+    NotFound,
+    ServiceError,
+    UnusableAvatar,
+)
 from media_server.sessions.messages import BadMessage, json_object
 
 log = logging.getLogger(__name__)
@@ -38,6 +47,23 @@ def busy(code: str, message: str) -> ApiError:
     return ApiError(503, code, message, {"Retry-After": str(RETRY_AFTER_S)})
 
 
+# The most specific kind first: a timeout is also an engine failure.
+SERVICE_STATUSES: tuple[tuple[type[ServiceError], int], ...] = (
+    (BadInput, 400),
+    (NotFound, 404),
+    (UnusableAvatar, 422),
+    (Busy, 503),
+    (EngineTimedOut, 504),
+    (EngineFailed, 502),
+)
+
+
+def service_failure(error: ServiceError) -> ApiError:
+    status = next((status for kind, status in SERVICE_STATUSES if isinstance(error, kind)), 500)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(error, Busy) else None
+    return ApiError(status, error.code, error.message, headers)
+
+
 def json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
 
@@ -53,6 +79,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return await handler(request)
     except ApiError as error:
         return error.response()
+    except ServiceError as error:
+        return service_failure(error).response()
     except web.HTTPRequestEntityTooLarge:
         return json_error(413, "too_large", f"request body over the limit of {request.client_max_size} bytes")
     except web.HTTPException as error:

@@ -9,6 +9,7 @@ from aiohttp import web
 from media_server.http.limits import OfferLimiter
 from media_server.metrics import ServerMetrics
 from media_server.runtime import Runtime
+from media_server.service.service import ModelService
 from media_server.sessions.registry import SessionRegistry
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -17,3 +18,5 @@ METRICS = web.AppKey("metrics", ServerMetrics)
 OFFER_LIMITER = web.AppKey("offer_limiter", OfferLimiter)
 ON_DEMAND_START = web.AppKey("on_demand_start", asyncio.Lock)  # held while the default broadcast starts
 AVATAR_MASKS = web.AppKey("avatar_masks", dict)  # avatar name -> PNG bytes of its cut-out
+SERVICE = web.AppKey("service", ModelService)  # the model APIs' work (openai_api.py, opea.py)
+ROUTE_TABLE = web.AppKey("route_table", tuple)  # http/app.py's ROUTES, which /openapi.json describes

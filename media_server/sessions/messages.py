@@ -13,7 +13,7 @@ from dataclasses import dataclass
 MAX_TEXT_CHARS = 2000
 MAX_MESSAGE_BYTES = 64 * 1024
 # NUL and the other C0 controls but tab and newlines; lone surrogates (which cannot be encoded as UTF-8).
-_UNSPEAKABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+UNSPEAKABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -27,7 +27,7 @@ def checked_text(value: object, kind: str = "text") -> str:
         raise BadMessage(f'"{kind}" needs a non-empty string "text"')
     if len(value) > MAX_TEXT_CHARS:
         raise BadMessage(f"text longer than {MAX_TEXT_CHARS} characters")
-    if _UNSPEAKABLE.search(value):
+    if UNSPEAKABLE.search(value):
         raise BadMessage("text holds control characters or invalid Unicode (lone surrogates); send plain text")
     return value.strip()
 

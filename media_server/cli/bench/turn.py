@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -21,6 +22,7 @@ from engines.registry import create_engine
 from media_server.cli.bench.server import ServerProcess, free_ports, quiet_client
 from media_server.config import Settings
 from media_server.metrics import STAGES
+from media_server.testing.llama_server import running_llama_server
 from media_server.testing.loopback_client import LoopbackClient
 from media_server.testing.speech_corpus import QUESTIONS, espeak, word_error_rate
 
@@ -34,6 +36,7 @@ LONG_CONVERSATION_WINDOW = 5  # turns at each end of the long conversation compa
 ESPEAK_VOICES = (("en-us", 140), ("en-gb", 185))
 BARGE_IN_QUIET_S = 0.4  # longer than any pause between the avatar's words
 DEFAULT = "default"
+LLAMA_SERVER_AUTO = "llm.base_url=auto"
 
 
 def _voices(tts: TTSEngine, n: int) -> list[tuple[str, str, np.ndarray, int]]:
@@ -271,13 +274,25 @@ def _print_summary(summary: dict[str, object]) -> None:
             print(f"{key}: {summary[key]}")
 
 
+def _on_llama_server(variants: dict[str, list[str]], stack: contextlib.ExitStack) -> dict[str, list[str]]:
+    """Variants whose settings say ``llm.base_url=auto`` get llama-cpp-python's own OpenAI-compatible server on
+    the embedded model, started here for the run (``llm.engine=openai,llm.base_url=auto``)."""
+    if not any(LLAMA_SERVER_AUTO in extra for extra in variants.values()):
+        return variants
+    server = stack.enter_context(running_llama_server())
+    served = f"llm.base_url={server.base_url}"
+    return {name: [served if pair == LLAMA_SERVER_AUTO else pair for pair in extra] for name, extra in variants.items()}
+
+
 def main(args: argparse.Namespace, settings: Settings) -> None:
     tts = create_engine("tts", settings.tts.engine, settings.tts.options)
     try:
         clips = _voices(tts, args.n)
     finally:
         tts.close()
-    results = _run_configurations(args, {DEFAULT: [], **{v: v.split(",") for v in args.variant}}, clips)
+    with contextlib.ExitStack() as stack:
+        variants = _on_llama_server({DEFAULT: [], **{v: v.split(",") for v in args.variant}}, stack)
+        results = _run_configurations(args, variants, clips)
     if args.json:
         print(json.dumps(results))
         return
