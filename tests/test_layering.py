@@ -1,9 +1,12 @@
 """The tree's layers, kept true: engines below the server, the server's layers in the order data flows
-(http → sessions → conversation → media), test support out of the server, and no import cycles."""
+(http → cluster → sessions → conversation → media: the cluster places and routes sessions, never serves
+HTTP itself), test support out of the server, NATS only for a cluster, and no import cycles."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,13 @@ PACKAGES = ("engines", "media_server")
 # What the server's layers may use of the engines: their interfaces, the registry, avatars, audio helpers.
 ENGINE_INTERFACES = {"engines", "engines.base", "engines.registry", "engines.avatar", "engines.audio"}
 # Each layer may import the layers after it, never those before it.
-SERVER_LAYERS = ("media_server.http", "media_server.sessions", "media_server.conversation", "media_server.media")
+SERVER_LAYERS = (
+    "media_server.http",
+    "media_server.cluster",
+    "media_server.sessions",
+    "media_server.conversation",
+    "media_server.media",
+)
 LIVE_SERVER = (*SERVER_LAYERS, "media_server.runtime", "media_server.config", "media_server.metrics", "media_server.threads")
 
 
@@ -112,3 +121,10 @@ def test_no_import_cycles() -> None:
 
     cycles = [cycle for module in sorted(graph) if (cycle := cycle_from(module, [])) is not None]
     assert cycles == []
+
+
+def test_one_machine_alone_never_imports_nats() -> None:
+    """``make run`` needs no NATS: the server, its CLI and the HTTP app import it only for a cluster."""
+    check = "import sys, media_server.cli.main, media_server.http.app; print('nats' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "False"

@@ -10,6 +10,7 @@ a temporary name next to ``--out`` and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import fractions
 import os
@@ -22,11 +23,12 @@ from typing import TextIO
 import av
 import numpy as np
 
-from engines.avatar import AvatarCatalogue, AvatarError
+from engines.avatar import Avatar, AvatarCatalogue, AvatarError
 from engines.base import AVFrame, EngineConfigError, FaceEnhancer, LipSyncEngine
 from engines.registry import create_engine
 from media_server.cli.avatars import Progress
-from media_server.config import Settings
+from media_server.cluster.shared import ClusterUnavailable
+from media_server.config import MediaSettings, Settings
 
 PUSH_SECONDS = 0.5
 VIDEO_CODEC, AUDIO_CODEC = "libx264", "aac"
@@ -100,11 +102,13 @@ class _Mp4Writer:
         self.container.mux(self.audio.encode(None))
 
 
-def _engine(settings: Settings) -> LipSyncEngine:
+def lipsync_engine(settings: Settings) -> LipSyncEngine:
+    """The configured lip-sync engine, warmed up, with the face enhancer when one is configured (offline,
+    a CPU has time for it)."""
     engine = create_engine("lipsync", settings.lipsync.engine, settings.lipsync.options)
     assert isinstance(engine, LipSyncEngine)
     engine.warm_up()
-    if settings.enhancer is not None:  # offline, a CPU has time for it
+    if settings.enhancer is not None:
         enhancer = create_engine("enhancer", settings.enhancer.engine, settings.enhancer.options)
         assert isinstance(enhancer, FaceEnhancer)
         enhancer.warm_up()
@@ -112,61 +116,86 @@ def _engine(settings: Settings) -> LipSyncEngine:
     return engine
 
 
-def render(
-    settings: Settings, avatar_name: str, audio_path: Path, out_path: Path, progress_stream: TextIO = sys.stderr
-) -> RenderSummary:
-    catalogue = AvatarCatalogue(settings.server.avatars_dir)
-    if avatar_name not in catalogue.names():
-        raise RenderError(
-            f"no avatar {avatar_name!r} in {catalogue.root}; there are: {', '.join(catalogue.names()) or 'none'}"
-        )
-    fps, sample_rate = settings.media.fps, settings.media.sample_rate
-    audio = read_audio(audio_path, sample_rate)
-    avatar = catalogue.get(avatar_name)
-    engine = _engine(settings)
-    started = time.perf_counter()
+def render_speech(
+    engine: LipSyncEngine,
+    avatar: Avatar,
+    audio: np.ndarray,
+    out_path: Path,
+    media: MediaSettings,
+    progress_stream: TextIO = sys.stderr,
+) -> int:
+    """Write the MP4 of ``avatar`` speaking ``audio`` (float32 mono at ``media.sample_rate``) with ``engine``;
+    the number of frames. Written under a temporary name and renamed when complete."""
+    fps, sample_rate = media.fps, media.sample_rate
+    engine.prepare(avatar)
+    stream = engine.open_stream(avatar, fps, sample_rate)
+    piece = int(PUSH_SECONDS * sample_rate)
+    progress = Progress("rendering", -(-len(audio) * fps // sample_rate), progress_stream)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out_path.with_name(f".{out_path.stem}.{os.getpid()}.partial.mp4")
     try:
-        engine.prepare(avatar)
-        stream = engine.open_stream(avatar, fps, sample_rate)
-        piece = int(PUSH_SECONDS * sample_rate)
-        progress = Progress("rendering", -(-len(audio) * fps // sample_rate), progress_stream)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = out_path.with_name(f".{out_path.stem}.{os.getpid()}.partial.mp4")
-        try:
-            with av.open(temporary, "w", format="mp4") as container:
-                writer = _Mp4Writer(container, avatar.size, fps, sample_rate)
-                for offset in range(0, len(audio), piece):
-                    stream.push_audio(audio[offset : offset + piece])
-                    frames = stream.pull()
-                    writer.write(frames)
-                    progress.advance(len(frames))
-                stream.end_segment()
+        with av.open(temporary, "w", format="mp4") as container:
+            writer = _Mp4Writer(container, avatar.size, fps, sample_rate)
+            for offset in range(0, len(audio), piece):
+                stream.push_audio(audio[offset : offset + piece])
                 frames = stream.pull()
                 writer.write(frames)
                 progress.advance(len(frames))
-                writer.flush()
-            progress.close()
-            os.replace(temporary, out_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            raise
+            stream.end_segment()
+            frames = stream.pull()
+            writer.write(frames)
+            progress.advance(len(frames))
+            writer.flush()
+        progress.close()
+        os.replace(temporary, out_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return writer.frames
+
+
+def _avatar(catalogue: AvatarCatalogue, name: str) -> Avatar:
+    if name not in catalogue.names():
+        raise RenderError(f"no avatar {name!r} in {catalogue.root}; there are: {', '.join(catalogue.names()) or 'none'}")
+    return catalogue.get(name)
+
+
+def render(
+    settings: Settings, avatar_name: str, audio_path: Path, out_path: Path, progress_stream: TextIO = sys.stderr
+) -> RenderSummary:
+    avatar = _avatar(AvatarCatalogue(settings.server.avatars_dir), avatar_name)
+    audio = read_audio(audio_path, settings.media.sample_rate)
+    engine = lipsync_engine(settings)
+    started = time.perf_counter()
+    try:
+        frames = render_speech(engine, avatar, audio, out_path, settings.media, progress_stream)
     finally:
         engine.close()
-    return RenderSummary(out_path, writer.frames, len(audio) / sample_rate, time.perf_counter() - started)
+    return RenderSummary(out_path, frames, len(audio) / settings.media.sample_rate, time.perf_counter() - started)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--avatar", required=True, help="an avatar folder name under server.avatars_dir")
     parser.add_argument("--audio", required=True, type=Path, help="the speech: any audio file FFmpeg can decode")
     parser.add_argument("--out", required=True, type=Path, help="the MP4 to write (H.264 + AAC)")
+    parser.add_argument("--cluster", metavar="URL", help="render on the workers of this NATS cluster (cluster.url)")
+    parser.add_argument(
+        "--timeout", type=float, default=600.0, help="with --cluster: how long to wait for a worker to render it (s)"
+    )
 
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
-    """Run ``facecast render``; a problem prints its reason and exits with status 2."""
+    """Run ``facecast render`` (here, or as a job for a cluster's workers with ``--cluster``); a problem
+    prints its reason and exits with status 2."""
     try:
+        if settings.cluster.url is not None:
+            from media_server.cli.cluster_tools import render_in_cluster  # imports NATS: only for a cluster
+
+            print(asyncio.run(render_in_cluster(settings, args.avatar, args.audio, args.out, args.timeout)))
+            return
         summary = render(settings, args.avatar, args.audio, args.out)
-    except (RenderError, AvatarError, EngineConfigError) as error:
+    except (RenderError, AvatarError, EngineConfigError, ClusterUnavailable) as error:
         print(f"facecast: render: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from media_server.http import broadcasts, info, talk, whep
+from media_server.http import broadcasts, cluster, info, talk, whep
 from media_server.http.access import Access, access_middleware
 from media_server.http.errors import ApiError, Handler, errors_as_json
 from media_server.http.limits import OfferLimiter
-from media_server.http.state import AVATAR_MASKS, METRICS, OFFER_LIMITER, ON_DEMAND_START, RUNTIME, SESSIONS
+from media_server.http.state import AVATAR_MASKS, CLUSTER, METRICS, OFFER_LIMITER, ON_DEMAND_START, RUNTIME, SESSIONS
 from media_server.metrics import ServerMetrics
 from media_server.runtime import Runtime
 from media_server.sessions.registry import SessionRegistry
@@ -31,26 +31,31 @@ class Route:
     path: str
     handler: Handler
     access: Access
+    session_owned: bool = False  # in a cluster, served by the node that owns the session it names
 
 
 ROUTES = (
     # Talk sessions: a browser's peer connection.
     Route("POST", "/offer", talk.offer, Access.CLIENT),
-    Route("DELETE", "/sessions/{session_id}", talk.delete_session, Access.CLIENT),
+    Route("DELETE", "/sessions/{session_id}", talk.delete_session, Access.CLIENT, session_owned=True),
     # Broadcast sessions, driven by programs.
     Route("POST", "/api/sessions", broadcasts.create_session, Access.CONTROL),
     Route("GET", "/api/sessions", broadcasts.list_sessions, Access.CONTROL),
-    Route("GET", "/api/sessions/{session_id}", broadcasts.get_session, Access.CONTROL),
-    Route("DELETE", "/api/sessions/{session_id}", broadcasts.delete_session, Access.CONTROL),
-    Route("POST", "/api/sessions/{session_id}/say", broadcasts.say, Access.CONTROL),
-    Route("POST", "/api/sessions/{session_id}/chat", broadcasts.chat, Access.CONTROL),
-    Route("POST", "/api/sessions/{session_id}/interrupt", broadcasts.interrupt, Access.CONTROL),
-    Route("POST", "/api/sessions/{session_id}/rtmp", broadcasts.start_rtmp, Access.CONTROL),
-    Route("DELETE", "/api/sessions/{session_id}/rtmp", broadcasts.stop_rtmp, Access.CONTROL),
+    Route("GET", "/api/sessions/{session_id}", broadcasts.get_session, Access.CONTROL, session_owned=True),
+    Route("DELETE", "/api/sessions/{session_id}", broadcasts.delete_session, Access.CONTROL, session_owned=True),
+    Route("POST", "/api/sessions/{session_id}/say", broadcasts.say, Access.CONTROL, session_owned=True),
+    Route("POST", "/api/sessions/{session_id}/chat", broadcasts.chat, Access.CONTROL, session_owned=True),
+    Route("POST", "/api/sessions/{session_id}/interrupt", broadcasts.interrupt, Access.CONTROL, session_owned=True),
+    Route("POST", "/api/sessions/{session_id}/rtmp", broadcasts.start_rtmp, Access.CONTROL, session_owned=True),
+    Route("DELETE", "/api/sessions/{session_id}/rtmp", broadcasts.stop_rtmp, Access.CONTROL, session_owned=True),
     # Watching a broadcast.
-    Route("POST", "/whep", whep.offer, Access.CLIENT),
-    Route("POST", "/whep/{session_id}", whep.offer, Access.CLIENT),
-    Route("DELETE", "/whep/{session_id}/{viewer_id}", whep.stop, Access.CLIENT),
+    Route("POST", "/whep", whep.offer, Access.CLIENT, session_owned=True),
+    Route("POST", "/whep/{session_id}", whep.offer, Access.CLIENT, session_owned=True),
+    Route("DELETE", "/whep/{session_id}/{viewer_id}", whep.stop, Access.CLIENT, session_owned=True),
+    # The cluster: its processes (an operator's view: addresses and load), and render jobs.
+    Route("GET", "/api/cluster", cluster.cluster_view, Access.CONTROL),
+    Route("GET", "/api/jobs/{job_id}", cluster.job_status, Access.CONTROL),
+    Route("GET", "/api/jobs/{job_id}/video.mp4", cluster.job_video, Access.CONTROL),
     # About the server.
     Route("GET", "/api/options", info.options, Access.CLIENT),
     Route("GET", "/api/avatars/{name}/mask.png", info.avatar_mask, Access.CLIENT),
@@ -75,16 +80,40 @@ async def static_file(request: web.Request) -> web.FileResponse:
     return web.FileResponse(path)
 
 
+def _join_cluster(app: web.Application, runtime: Runtime, sessions: SessionRegistry) -> Runtime:
+    """Make this server a node of the configured cluster; the runtime its sessions open with."""
+    from media_server.cluster.node import ClusterNode  # imports NATS: only for a cluster
+
+    app[CLUSTER] = node = ClusterNode(runtime, sessions)
+    app.on_startup.append(lambda app: node.start())
+    app.on_cleanup.append(lambda app: node.stop())
+    return node.runtime
+
+
+def _forwarded(app: web.Application, request: web.Request) -> bool:
+    """Whether ``request`` was forwarded by another node of the cluster, which checked its client's access."""
+    node = app.get(CLUSTER)
+    return node is not None and node.replayer.trusts(request)
+
+
 def create_app(runtime: Runtime) -> web.Application:
     server = runtime.settings.server
     access: dict[AbstractRoute, Access] = {}
     # errors_as_json twice: inside, so the access layer can add CORS headers to every error a handler
     # gives; outside, for the access layer's own refusals.
-    middlewares = [errors_as_json, access_middleware(server, lambda route: access.get(route, Access.PAGE)), errors_as_json]
+    owned = {route.path for route in ROUTES if route.session_owned}
+    middlewares = [
+        errors_as_json,
+        access_middleware(server, lambda route: access.get(route, Access.PAGE), lambda request: _forwarded(app, request)),
+        errors_as_json,
+        cluster.to_session_owner(owned),
+    ]
     app = web.Application(client_max_size=server.max_body_bytes, middlewares=middlewares)
-    app[RUNTIME] = runtime
     app[METRICS] = metrics = ServerMetrics()
-    app[SESSIONS] = SessionRegistry(server.max_sessions, metrics)
+    app[SESSIONS] = sessions = SessionRegistry(server.max_sessions, metrics)
+    if runtime.settings.cluster.url is not None:
+        runtime = _join_cluster(app, runtime, sessions)
+    app[RUNTIME] = runtime
     app[OFFER_LIMITER] = OfferLimiter(server.offers_per_minute)
     app[ON_DEMAND_START] = asyncio.Lock()
     app[AVATAR_MASKS] = {}

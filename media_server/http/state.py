@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -11,9 +12,13 @@ from media_server.metrics import ServerMetrics
 from media_server.runtime import Runtime
 from media_server.sessions.registry import SessionRegistry
 
+if TYPE_CHECKING:  # the cluster (and NATS) is imported only when one is configured
+    from media_server.cluster.node import ClusterNode
+
 RUNTIME = web.AppKey("runtime", Runtime)
 SESSIONS = web.AppKey("sessions", SessionRegistry)
 METRICS = web.AppKey("metrics", ServerMetrics)
 OFFER_LIMITER = web.AppKey("offer_limiter", OfferLimiter)
 ON_DEMAND_START = web.AppKey("on_demand_start", asyncio.Lock)  # held while the default broadcast starts
 AVATAR_MASKS = web.AppKey("avatar_masks", dict)  # avatar name -> PNG bytes of its cut-out
+CLUSTER: web.AppKey[ClusterNode] = web.AppKey("cluster")  # present only with [cluster] url
