@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engines.avatar import AvatarCatalogue, AvatarError
 from engines.base import LipSyncEngine
-from media_server.cli.render import lipsync_engine, read_audio, render_speech
+from media_server.cli.render import RenderError, lipsync_engine, read_audio, render_speech
 from media_server.cluster.avatars import SharedAvatars
 from media_server.cluster.jobs import RenderedVideo, RenderJobs
 from media_server.cluster.link import ClusterLink, redacted
@@ -57,7 +57,10 @@ class Worker:
         """One render job, with this worker's engine (already loaded: a job costs no model load)."""
         media = self.settings.media
         avatar = self.avatars.catalogue.get(avatar_name)
-        audio = read_audio(audio_path, media.sample_rate)
+        try:
+            audio = read_audio(audio_path, media.sample_rate)
+        except RenderError as error:  # its message names the worker's temporary file
+            raise RenderError(str(error).replace(str(audio_path), "the job's audio")) from None
         frames = render_speech(self.engine, avatar, audio, out_path, media, progress_stream=_Silent())
         return RenderedVideo(frames, len(audio) / media.sample_rate)
 

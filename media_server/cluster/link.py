@@ -98,6 +98,7 @@ class ClusterLink:
         self._objects: dict[str, ObjectStore] = {}
         self._on_connected: list[Callable[[], Awaitable[None]]] = []
         self._connecting: asyncio.Task[None] | None = None
+        self._closing = False
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # --- the connection ------------------------------------------------------------------------
@@ -149,6 +150,8 @@ class ClusterLink:
         await self._reconnected()
 
     async def _disconnected(self) -> None:
+        if self._closing:
+            return
         log.warning("cluster: lost NATS at %s; serving locally until it is back", redacted(self.url))
 
     async def _reconnected(self) -> None:
@@ -165,6 +168,7 @@ class ClusterLink:
         log.debug("cluster: NATS: %s", error)
 
     async def close(self) -> None:
+        self._closing = True
         if self._connecting is not None:
             self._connecting.cancel()
         if self.nc is not None and not self.nc.is_closed:

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Coroutine
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LEASE_QUEUE = "lipsync-workers"
 BRIDGE_SLACK_S = 0.2  # beyond a request's own timeout, for the hop between threads
+CONNECTION_CHECK_S = 0.01  # how often a waiting lip-sync thread checks that the broker is still there
 
 
 class ChunkFailed(Exception):
@@ -112,17 +114,22 @@ class RemoteLipSync(LipSyncEngine):
         return {"frames_remote": self.frames_remote, "frames_local": self.frames_local, "chunks_late": self.chunks_late}
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout_s: float) -> T:
-        """Run ``coroutine`` on the link's event loop from a lip-sync thread; ChunkFailed past ``timeout_s``."""
+        """Run ``coroutine`` on the link's event loop from a lip-sync thread; ChunkFailed past ``timeout_s``,
+        or as soon as the broker is lost (a request in flight then never gets its answer)."""
         loop = self.link.loop
         if loop is None or not self.link.connected:
             coroutine.close()
             raise ChunkFailed("the broker is not reachable")
         future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        deadline = time.monotonic() + timeout_s + BRIDGE_SLACK_S
         try:
-            return future.result(timeout_s + BRIDGE_SLACK_S)
-        except FutureTimeout:
-            future.cancel()
-            raise ChunkFailed(f"no answer within {timeout_s:g} s") from None
+            while True:
+                try:
+                    return future.result(CONNECTION_CHECK_S)
+                except FutureTimeout:
+                    if not self.link.connected or time.monotonic() > deadline:
+                        future.cancel()
+                        raise ChunkFailed(f"no answer within {timeout_s:g} s" if self.link.connected else "lost the broker") from None
         except ChunkFailed:
             raise
         except Exception as error:  # noqa: BLE001 - whatever the broker or worker did: render here
