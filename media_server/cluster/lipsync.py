@@ -164,6 +164,9 @@ class RemoteLipSyncStream(LipSyncStream):
             self.local.push_audio(samples, phonemes)
 
     def end_segment(self) -> None:
+        if self._remote is None:  # a segment without speech: nothing to render anywhere
+            self.local.end_segment()
+            return
         self._ended = True
         if not self._remote:
             self.local.end_segment()

@@ -60,6 +60,11 @@ class LipSyncService:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep(), name="lease sweeper")
 
+    @property
+    def accepting(self) -> bool:
+        """Whether it is in the lease queue now (it has room, and the broker is there)."""
+        return self._queue is not None and self.link.connected
+
     async def _update_queue_membership(self) -> None:
         """In the queue group while there is room, out of it while full."""
         full = len(self.leases) >= self.capacity
