@@ -178,7 +178,7 @@ class RemoteLipSyncStream(LipSyncStream):
                 self.engine.count(remote=len(frames))
                 return self._advance(frames)
             except ChunkFailed as error:
-                log.info("lip-sync on worker %s failed (%s): rendering the rest of the turn here", self._worker(), error)
+                log.warning("lip-sync on worker %s failed (%s): rendering the rest of the turn here", self._worker(), error)
                 self.engine.count(late=1)
                 self._render_rest_here()
         frames = self.local.pull()
