@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,11 +23,12 @@ import av
 import numpy as np
 import pytest
 
+from engines import PROJECT_ROOT
 from media_server.cluster import jobs
 from media_server.cluster.conversations import ConversationStore
 from media_server.cluster.link import ClusterLink
 from media_server.config import ClusterSettings
-from media_server.testing.cluster import FacecastProcess, NatsServer, cluster_entries, wait_until
+from media_server.testing.cluster import FacecastProcess, NatsServer, cluster_entries, until, wait_until
 from media_server.testing.loopback_client import LoopbackClient
 from media_server.testing.speech_corpus import write_wav
 
@@ -59,11 +62,12 @@ class Cluster:
     b: FacecastProcess
     workers: dict[str, FacecastProcess] = field(default_factory=dict)
 
-    def start_worker(self, name: str) -> FacecastProcess:
+    async def start_worker(self, name: str) -> FacecastProcess:
+        """A new worker, waited for without stopping the event loop (the tests' clients live on it)."""
         worker = FacecastProcess("worker", name, self.nats, COMMON)
         self.workers[name] = worker
-        worker.wait_ready()
-        wait_until(lambda: name in cluster_entries(self.a), 10, f"{name} did not join the registry")
+        await asyncio.to_thread(worker.wait_ready)
+        await until(lambda: name in cluster_entries(self.a), 10, f"{name} did not join the registry")
         return worker
 
 
@@ -182,7 +186,7 @@ async def test_a_full_node_places_the_session_on_another_whose_answer_reaches_th
     finally:
         for client in (first, second):
             await client.close()
-    wait_until(lambda: a.get("/healthz")["sessions"] == 0, 20, "A's session did not close")
+    await until(lambda: a.get("/healthz")["sessions"] == 0, 20, "A's session did not close")
 
 
 async def test_a_worker_renders_a_live_turn_and_its_death_mid_reply_leaves_no_gap(cluster: Cluster) -> None:
@@ -202,7 +206,7 @@ async def test_a_worker_renders_a_live_turn_and_its_death_mid_reply_leaves_no_ga
         assert longest_gap_ms(client, sent) < AUDIO_NEVER_WAITED_MS
         assert cluster_entries(a)["A"]["stats"]["frames_local"] > local_before  # the rest was rendered on A
 
-        w2 = cluster.start_worker("W2")
+        w2 = await cluster.start_worker("W2")
         remote_before = cluster_entries(a)["A"]["stats"]["frames_remote"]
         sent = await speak_and_wait(client, {"type": "say", "text": "Thank you for visiting."})
         assert longest_gap_ms(client, sent) < AUDIO_NEVER_WAITED_MS and errors_since(client, sent) == []
@@ -211,13 +215,13 @@ async def test_a_worker_renders_a_live_turn_and_its_death_mid_reply_leaves_no_ga
         assert w2.alive()
     finally:
         await client.close()
-    wait_until(lambda: a.get("/healthz")["sessions"] == 0, 20, "A's session did not close")
+    await until(lambda: a.get("/healthz")["sessions"] == 0, 20, "A's session did not close")
 
 
 async def test_a_render_job_outlives_its_worker_and_a_failing_job_ends_failed_with_its_error(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    cluster.start_worker("W3")
+    await cluster.start_worker("W3")
     seconds = 20.0
     rate = 16000
     t = np.arange(int(seconds * rate)) / rate
@@ -258,6 +262,30 @@ async def test_a_render_job_outlives_its_worker_and_a_failing_job_ends_failed_wi
     assert status_code == 200 and described["state"] == "failed" and "could not be read" in described["error"]
 
 
+async def test_an_avatar_added_on_one_machine_is_fetched_by_a_node_that_lacks_it(cluster: Cluster, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "avatars"
+    add = [
+        sys.executable, "-m", "media_server", "--set", f"server.avatars_dir={elsewhere}",
+        "avatars", "add", "ada", str(PROJECT_ROOT / "avatars" / "default" / "portrait.jpg"), "--cluster", cluster.nats.url,
+    ]  # fmt: skip
+    added = subprocess.run(add, capture_output=True, text=True, timeout=120)
+    assert added.returncode == 0 and "shared avatar 'ada'" in added.stdout, added.stderr
+    b = cluster.b
+    assert not (b.avatars / "ada").exists()
+    options = b.get("/api/options")
+    assert "ada" not in options["avatars"]  # no process has it yet: it is only in the object store
+    client = LoopbackClient(b.url)
+    try:
+        await client.connect(avatar="ada")
+        session = await client.wait_for(lambda event: event.get("type") == "session", 10)
+        assert session["avatar"] == "ada" and (b.avatars / "ada" / "avatar.toml").exists()
+        sent = await speak_and_wait(client, {"type": "say", "text": "Hello, I am Ada."})
+        assert await heard_speech_after(client, sent) and errors_since(client, sent) == []
+    finally:
+        await client.close()
+    await until(lambda: "ada" in b.get("/api/options")["avatars"], 5, "B does not offer the avatar it fetched")
+
+
 async def test_the_broker_going_down_mid_reply_goes_unnoticed_and_the_cluster_recovers(cluster: Cluster) -> None:
     a, b = cluster.a, cluster.b
     client = LoopbackClient(a.url)
@@ -276,7 +304,7 @@ async def test_the_broker_going_down_mid_reply_goes_unnoticed_and_the_cluster_re
         assert errors_since(client, sent) == [] and client.events_of("reply", sent)[-1]["final"]
 
         cluster.nats.start()  # same port, same storage
-        wait_until(
+        await until(
             lambda: a.get("/api/cluster")["connected"] and {"A", "B"} <= set(cluster_entries(a)),
             30,
             "A did not reconnect and hear B again",
@@ -286,7 +314,7 @@ async def test_the_broker_going_down_mid_reply_goes_unnoticed_and_the_cluster_re
     finally:
         for each in (client, placed):
             await each.close()
-    wait_until(lambda: a.get("/healthz")["sessions"] == 0 and b.get("/healthz")["sessions"] == 0, 20, "sessions left")
+    await until(lambda: a.get("/healthz")["sessions"] == 0 and b.get("/healthz")["sessions"] == 0, 20, "sessions left")
 
 
 async def test_a_page_reconnecting_after_its_node_died_resumes_its_conversation_on_another(cluster: Cluster) -> None:
@@ -305,7 +333,7 @@ async def test_a_page_reconnecting_after_its_node_died_resumes_its_conversation_
     store = ConversationStore(link, max_messages=200)
     try:
         a.kill()
-        wait_until(lambda: "A" not in cluster_entries(b), 10, "B still counts on A")
+        await until(lambda: "A" not in cluster_entries(b), 10, "B still counts on A")
         again = LoopbackClient(b.url)
         await again.connect(conversation=conversation)
         try:

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--barge-ins", type=int, default=10, help="interruptions to measure")
     bench.add_argument("--minutes", type=float, default=30.0, help="soak: how long the session talks")
+    bench.add_argument("--clients", type=int, default=6, help="cluster: pages talking at once")
+    bench.add_argument("--quick", action="store_true", help="cluster: 2 pages, 2 questions each, fewer chunks")
     bench.add_argument("--every", type=float, default=20.0, help="soak: seconds from one question to the next")
     bench.add_argument(
         "--long-turns",

@@ -62,6 +62,41 @@ def worker_subject(link: ClusterLink, worker_id: str) -> str:
     return link.subject("worker", worker_id, "lipsync")
 
 
+@dataclass(frozen=True)
+class RenderedChunk:
+    jpegs: bytes
+    sizes: list[int]
+    segment_end: bool
+    worker_ms: float  # the worker's own time on it (rendering and encoding), for `facecast bench cluster`
+
+
+async def request_lease(link: ClusterLink, avatar: Avatar, fps: int, sample_rate: int, timeout_s: float) -> Lease:
+    """A lease from the first worker with room; ChunkFailed when one refuses (NATS errors when none answers)."""
+    asked = {"avatar": avatar.name, "source_hash": avatar.source_hash, "fps": fps, "sample_rate": sample_rate, "node": link.node_id}
+    reply = await link.client().request(lease_subject(link), json.dumps(asked).encode(), timeout=timeout_s)
+    answer = json.loads(reply.data)
+    if "lease" not in answer:
+        raise ChunkFailed(answer.get("refused", "the worker refused the lease"))
+    return Lease(answer["lease"], answer["subject"], answer["worker"])
+
+
+async def render_chunk(link: ClusterLink, lease: Lease, audio: np.ndarray, end: bool, timeout_s: float) -> RenderedChunk:
+    """The frames the leased worker renders from the segment's next ``audio`` (and its end, if ``end``)."""
+    headers = {"Lease": lease.id, "Op": "chunk", "End": "1" if end else "0"}
+    reply = await link.client().request(lease.subject, audio.tobytes(), timeout=timeout_s, headers=headers)
+    answer = reply.headers or {}
+    if "Error" in answer:
+        raise ChunkFailed(answer["Error"])
+    sizes = [int(size) for size in answer.get("Sizes", "").split(",") if size]
+    return RenderedChunk(reply.data, sizes, answer.get("End") == "1", float(answer.get("Worker-Ms", "0")))
+
+
+async def release_lease(link: ClusterLink, lease: Lease) -> None:
+    """Best effort: a worker also forgets a lease left unused for ``lipsync_lease_idle_s``."""
+    if link.connected:
+        await link.client().publish(lease.subject, b"", headers={"Lease": lease.id, "Op": "release"})
+
+
 def encode_frames(pictures: list[np.ndarray], quality: int = 90) -> tuple[bytes, list[int]]:
     """JPEGs of ``pictures``, concatenated, and each one's size."""
     encoded = [cv2.imencode(".jpg", picture, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes() for picture in pictures]
@@ -227,25 +262,12 @@ class RemoteLipSyncStream(LipSyncStream):
     def _take_lease(self) -> bool:
         timeout = self.engine.settings.lipsync_lease_timeout_s
         try:
-            self._lease = self.engine.call(self._request_lease(timeout), timeout)
+            lease = request_lease(self.link, self.avatar, self.fps, self.sample_rate, timeout)
+            self._lease = self.engine.call(lease, timeout)
         except ChunkFailed as error:
             log.debug("no lip-sync worker took the turn (%s): rendering it here", error)
             self._lease = None
         return self._lease is not None
-
-    async def _request_lease(self, timeout_s: float) -> Lease:
-        asked = {
-            "avatar": self.avatar.name,
-            "source_hash": self.avatar.source_hash,
-            "fps": self.fps,
-            "sample_rate": self.sample_rate,
-            "node": self.link.node_id,
-        }
-        reply = await self.link.client().request(lease_subject(self.link), json.dumps(asked).encode(), timeout=timeout_s)
-        answer = json.loads(reply.data)
-        if "lease" not in answer:
-            raise ChunkFailed(answer.get("refused", "the worker refused the lease"))
-        return Lease(answer["lease"], answer["subject"], answer["worker"])
 
     def _pull_remote(self) -> list[AVFrame]:
         pending = self._audio[self._sent :]
@@ -253,22 +275,12 @@ class RemoteLipSyncStream(LipSyncStream):
         if not pending.size and not send_end:
             return []
         deadline = self.engine.settings.lipsync_chunk_deadline_s
-        data, sizes, segment_end = self.engine.call(self._render_remotely(pending, send_end, deadline), deadline)
-        pictures = decode_frames(data, sizes)
+        assert self._lease is not None
+        chunk = self.engine.call(render_chunk(self.link, self._lease, pending, send_end, deadline), deadline)
+        pictures = decode_frames(chunk.jpegs, chunk.sizes)
         self._sent += len(pending)
         self._end_sent = send_end
-        return self._frames_for(pictures, segment_end)
-
-    async def _render_remotely(self, audio: np.ndarray, end: bool, timeout_s: float) -> tuple[bytes, list[int], bool]:
-        """The chunk's frames as the worker sent them: JPEGs, their sizes, whether the last ends the segment."""
-        assert self._lease is not None
-        headers = {"Lease": self._lease.id, "Op": "chunk", "End": "1" if end else "0"}
-        reply = await self.link.client().request(self._lease.subject, audio.tobytes(), timeout=timeout_s, headers=headers)
-        answer = reply.headers or {}
-        if "Error" in answer:
-            raise ChunkFailed(answer["Error"])
-        sizes = [int(size) for size in answer.get("Sizes", "").split(",") if size]
-        return reply.data, sizes, answer.get("End") == "1"
+        return self._frames_for(pictures, chunk.segment_end)
 
     def _frames_for(self, pictures: list[np.ndarray], segment_end: bool) -> list[AVFrame]:
         """The worker's pictures of frames ``_frames_out``... with this side's audio for each."""
@@ -288,8 +300,3 @@ class RemoteLipSyncStream(LipSyncStream):
         if lease is not None and self.link.loop is not None:
             asyncio.run_coroutine_threadsafe(release_lease(self.link, lease), self.link.loop)
 
-
-async def release_lease(link: ClusterLink, lease: Lease) -> None:
-    """Best effort: a worker also forgets a lease left unused for ``lipsync_lease_idle_s``."""
-    if link.connected:
-        await link.client().publish(lease.subject, b"", headers={"Lease": lease.id, "Op": "release"})

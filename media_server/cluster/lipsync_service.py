@@ -161,6 +161,7 @@ class LipSyncService:
         async with leased.lock:
             leased.used = time.monotonic()
             audio = np.frombuffer(message.data, np.float32)
+            started = time.perf_counter()
             try:
                 data, sizes, segment_end = await asyncio.to_thread(_render_chunk, leased.stream, audio, headers.get("End") == "1")
             except Exception as error:  # noqa: BLE001 - the node renders it itself; this worker goes on
@@ -169,7 +170,9 @@ class LipSyncService:
                 return
             self.stats["chunks"] += 1
             self.stats["frames"] += len(sizes)
-        await self._reply(message, data, {"Sizes": ",".join(map(str, sizes)), "End": "1" if segment_end else "0"})
+        worker_ms = f"{(time.perf_counter() - started) * 1000:.2f}"
+        headers = {"Sizes": ",".join(map(str, sizes)), "End": "1" if segment_end else "0", "Worker-Ms": worker_ms}
+        await self._reply(message, data, headers)
 
     async def _reply(self, message: Msg, data: bytes, headers: dict[str, str]) -> None:
         if message.reply and self.link.connected:

@@ -33,6 +33,15 @@ T = TypeVar("T")
 READY_TIMEOUT_S = 240.0
 
 
+async def until(condition: Callable[[], object], timeout_s: float, failure: str) -> None:
+    """``wait_until`` for async code: the event loop (and the aiortc clients on it) runs meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(failure)
+        await asyncio.sleep(0.1)
+
+
 class NatsServer:
     """``nats-server -js`` on a free port; stopped and started again on the same port and storage."""
 
@@ -81,19 +90,23 @@ def wait_until(condition: Callable[[], object], timeout_s: float, failure: str) 
 class FacecastProcess:
     """``facecast serve`` (a media node) or ``facecast worker`` in the cluster, its log in a file."""
 
-    def __init__(self, role: str, node_id: str, nats: NatsServer, settings: Sequence[str] = (), cwd: Path | None = None) -> None:
+    def __init__(self, role: str, node_id: str, nats: NatsServer, settings: Sequence[str] = ()) -> None:
+        """Each process has its own avatars folder (a copy of the checkout's), as separate machines would."""
         self.role = role
         self.node_id = node_id
         self.port = free_port() if role == "serve" else None
         self.log_path = Path(tempfile.mkstemp(prefix=f"facecast-{node_id}-", suffix=".log")[1])
+        self.avatars = Path(tempfile.mkdtemp(prefix=f"facecast-{node_id}-avatars-"))
+        shutil.copytree(PROJECT_ROOT / "avatars", self.avatars, dirs_exist_ok=True)
         command = [sys.executable, "-m", "media_server", "--set", f"cluster.node_id={node_id}"]
+        command += ["--set", f"server.avatars_dir={self.avatars}"]
         for pair in settings:
             command += ["--set", pair]
         command += [role, "--cluster", nats.url]
         if self.port is not None:
             command += ["--port", str(self.port)]
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}" if self.port else None
 
     def log(self) -> str:
@@ -137,6 +150,7 @@ class FacecastProcess:
                 self.process.kill()
                 self.process.wait()
         self.log_path.unlink(missing_ok=True)
+        shutil.rmtree(self.avatars, ignore_errors=True)
 
 
 def cluster_entries(node: FacecastProcess) -> dict[str, dict]:
