@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engines.avatar import Avatar, load_avatar
-from engines.base import AVFrame, LipSyncEngine, PhonemeTiming
+from engines.base import AVFrame, LipSyncEngine
 from engines.registry import create_engine
 from media_server.cluster.lipsync import RemoteLipSync
 from media_server.testing.cluster import InProcessWorker, LoopThread, NatsServer, remote_lipsync, wait_until

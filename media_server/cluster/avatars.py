@@ -27,7 +27,7 @@ def pack(folder: Path) -> bytes:
     """The avatar's folder as a gzipped tar, its files under the avatar's name."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        archive.add(folder, arcname=folder.name, filter=lambda info: None if info.name.count(".adding-") else info)
+        archive.add(folder, arcname=folder.name)
     return buffer.getvalue()
 
 

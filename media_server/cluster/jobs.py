@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import KeyNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
 
 from media_server.cluster.avatars import SharedAvatars
 from media_server.cluster.link import BucketSpec, ClusterLink
@@ -85,7 +86,7 @@ def video_object(job_id: str) -> str:
     return f"jobs/{job_id}/video.mp4"
 
 
-async def _media(link: ClusterLink):  # type: ignore[no-untyped-def]
+async def _media(link: ClusterLink) -> ObjectStore:
     return await link.object_store(MEDIA_STORE, ttl_s=link.settings.job_retention_s)
 
 

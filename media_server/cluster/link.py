@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -64,7 +64,7 @@ def _tls_context(settings: ClusterSettings) -> ssl.SSLContext | None:
     return context
 
 
-def connect_options(settings: ClusterSettings, environ: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, object]:
+def connect_options(settings: ClusterSettings, environ: Mapping[str, str] = os.environ) -> dict[str, object]:
     """nats.connect's credentials and TLS: the config's, else the environment's (NATS_TOKEN, NATS_USER and
     NATS_PASSWORD, NATS_CREDS)."""
     options: dict[str, object] = {}

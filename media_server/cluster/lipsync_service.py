@@ -77,8 +77,11 @@ class LipSyncService:
     # --- leases ---------------------------------------------------------------------------------
 
     async def _on_lease(self, message: Msg) -> None:
-        asked = json.loads(message.data)
-        answer = await self._lease(asked)
+        try:
+            asked = json.loads(message.data)
+        except ValueError:
+            asked = {}
+        answer = await self._lease(asked if isinstance(asked, dict) else {})
         await message.respond(json.dumps(answer).encode())
 
     async def _lease(self, asked: dict[str, object]) -> dict[str, object]:

@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 from nats.aio.subscription import Subscription
@@ -65,13 +67,14 @@ class ClusterNode:
         self.remote_lipsync: RemoteLipSync | None = None
         if settings.cluster.lipsync == "remote":
             self.remote_lipsync = RemoteLipSync(self.link, _fallback_lipsync(runtime), settings.cluster)
-            runtime = dataclasses.replace(
-                runtime, engines=dataclasses.replace(runtime.engines, lipsync=self.remote_lipsync)
-            )
+            descriptions = {**runtime.engines.descriptions, "lipsync": self.remote_lipsync.describe()}
+            engines = dataclasses.replace(runtime.engines, lipsync=self.remote_lipsync, descriptions=descriptions)
+            runtime = dataclasses.replace(runtime, engines=engines)
         self.runtime = runtime  # what sessions are opened with (the remote lip-sync engine, if configured)
         self.heartbeat = Heartbeat(self.link, self.here)
         self._session_subscriptions: dict[str, Subscription] = {}
         self._node_subscription: Subscription | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
         sessions.listeners.append(self._on_session)
         self.link.on_connected(self._subscribe_all)
 
@@ -146,9 +149,14 @@ class ClusterNode:
 
     def _on_session(self, session: MediaSession, opened: bool) -> None:
         if opened:
-            asyncio.ensure_future(self._subscribe_session(session.id))
+            self._run_soon(self._subscribe_session(session.id))
         elif (subscription := self._session_subscriptions.pop(session.id, None)) is not None:
-            asyncio.ensure_future(self._unsubscribe(subscription))
+            self._run_soon(self._unsubscribe(subscription))
+
+    def _run_soon(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)  # referenced until done
+        task.add_done_callback(self._tasks.discard)
 
     async def _subscribe_session(self, session_id: str) -> None:
         if session_id in self._session_subscriptions or not self.link.connected:

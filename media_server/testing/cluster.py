@@ -128,7 +128,7 @@ class FacecastProcess:
             except (OSError, urllib.error.URLError, KeyError):
                 return False
 
-        wait_until(ready, timeout_s, f"{self.node_id} did not start: {self.log()[-3000:]}")
+        wait_until(ready, timeout_s, f"{self.node_id} did not start within {timeout_s:g} s (its log: {self.log_path})")
 
     def get(self, path: str) -> dict:
         assert self.url is not None
