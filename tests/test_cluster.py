@@ -261,6 +261,16 @@ async def test_a_render_job_outlives_its_worker_and_a_failing_job_ends_failed_wi
     status_code, _, described = await http_json("GET", f"{cluster.a.url}/api/jobs/{failing}")
     assert status_code == 200 and described["state"] == "failed" and "could not be read" in described["error"]
 
+    # `facecast render --cluster`: the same, from the command line.
+    short = write_wav(tmp_path / "short.wav", speech[: 2 * rate], rate)
+    out = tmp_path / "rendered.mp4"
+    render = [sys.executable, "-m", "media_server", "render", "--cluster", cluster.nats.url]
+    render += ["--avatar", "default", "--audio", str(short), "--out", str(out)]
+    rendered = await asyncio.to_thread(subprocess.run, render, capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0 and "50 frames" in rendered.stdout, rendered.stderr
+    with av.open(str(out)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 50
+
 
 async def test_an_avatar_added_on_one_machine_is_fetched_by_a_node_that_lacks_it(cluster: Cluster, tmp_path: Path) -> None:
     elsewhere = tmp_path / "avatars"
