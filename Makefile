@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_TEST_PACKAGES := espeak-ng chromium nginx libnginx-mod-rtmp
+APT_TEST_PACKAGES := espeak-ng chromium nginx libnginx-mod-rtmp nats-server
 
 .PHONY: run install install-dev system-test-deps test bench clean
 

@@ -9,7 +9,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
@@ -179,6 +179,46 @@ class ApiSettings(Strict):
     outputs_keep: int = Field(100, ge=1)  # the newest MP4s kept there; older ones are deleted
 
 
+CLUSTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+
+
+class ClusterSettings(Strict):
+    """Several Facecast processes sharing a NATS server (media/cluster/); unset ``url``: one machine alone."""
+
+    url: str | None = Field(None, pattern=r"^(nats|tls)://")  # or FACECAST_CLUSTER_URL, or --cluster
+    name: str = Field("facecast", pattern=CLUSTER_NAME_PATTERN)  # subjects and buckets are namespaced by it
+    node_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")  # default: host name and process id
+    public_url: str | None = None  # how browsers and programs reach this node, shown in the registry
+    # NATS credentials; each may also come from the environment: NATS_TOKEN, NATS_USER, NATS_PASSWORD, NATS_CREDS.
+    token: str | None = None
+    user: str | None = None
+    password: str | None = None
+    credentials_file: Path | None = None  # a .creds file (JWT and NKey seed); needs the nkeys package
+    tls_ca: Path | None = None  # CA bundle to verify the NATS server; tls:// URLs use the system's without it
+    tls_cert: Path | None = None  # client certificate for mutual TLS, with tls_key
+    tls_key: Path | None = None
+    heartbeat_s: float = Field(0.5, gt=0)  # how often each process publishes its registry entry
+    registry_ttl_s: float = Field(3.0, gt=0)  # an entry not refreshed for this long is a process gone
+    request_timeout_s: float = Field(5.0, gt=0)  # a forwarded offer or session API call
+    lipsync: Literal["local", "remote"] = "local"  # "remote": lease a `facecast worker` for each speaking session
+    lipsync_lease_timeout_s: float = Field(0.3, gt=0)  # how long a session waits for a worker to take it
+    lipsync_chunk_deadline_s: float = Field(0.5, gt=0)  # a chunk later than this is rendered here instead
+    lipsync_lease_idle_s: float = Field(30.0, gt=0)  # a worker forgets a lease unused this long
+    worker_sessions: int = Field(2, ge=1)  # lip-sync sessions one worker renders at once
+    job_attempts: int = Field(3, ge=1)  # a render job that fails (or loses its worker) this often is failed
+    job_ack_wait_s: float = Field(30.0, gt=0)  # a job whose worker is silent this long goes to another
+    job_retention_s: float = Field(86400.0, gt=0)  # how long finished jobs and their MP4s are kept
+    conversation_ttl_s: float = Field(3600.0, gt=0)  # a conversation not continued this long is forgotten
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ClusterSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password go together: give both or neither")
+        return self
+
+
 class StageSettings(BaseModel):
     """``engine`` names the implementation; every other key is that engine's own option."""
 
@@ -216,6 +256,7 @@ class Settings(Strict):
     echo: EchoSettings = EchoSettings()
     deadlines: DeadlineSettings = DeadlineSettings()
     api: ApiSettings = ApiSettings()
+    cluster: ClusterSettings = ClusterSettings()
     vad: StageSettings
     asr: StageSettings
     llm: StageSettings

@@ -16,6 +16,9 @@
 // ({state}) on each RTCPeerConnection state change, and "closed" ({reason}) once it has ended.
 
 const ICE_GATHERING_TIMEOUT_MS = 3000;
+// This tab's conversation, kept across reconnections: a Facecast cluster resumes its history on
+// whichever node the next session lands on (see docs/protocol.md, "Conversations").
+const CONVERSATION_KEY = "facecast.conversation";
 const CHANNEL_OPEN_TIMEOUT_MS = 20000;
 
 /** A refused request: the HTTP status and the server's {"error": {code, message}} body. */
@@ -106,6 +109,32 @@ function channelOpen(channel) {
   });
 }
 
+/** The conversation id this tab keeps (sessionStorage), or null. */
+export function savedConversation() {
+  try {
+    return sessionStorage.getItem(CONVERSATION_KEY);
+  } catch {
+    return null; // storage disabled: every session is a fresh conversation
+  }
+}
+
+/** Start afresh: the next session of this tab is a new conversation (a kiosk's next visitor). */
+export function forgetConversation() {
+  try {
+    sessionStorage.removeItem(CONVERSATION_KEY);
+  } catch {
+    // storage disabled: nothing kept
+  }
+}
+
+function keepConversation(id) {
+  try {
+    if (id) sessionStorage.setItem(CONVERSATION_KEY, id);
+  } catch {
+    // storage disabled: the conversation ends with the session
+  }
+}
+
 export class FacecastClient extends EventTarget {
   /**
    * @param {{baseUrl?: string, iceServers?: RTCIceServer[], iceTransportPolicy?: RTCIceTransportPolicy}} options
@@ -131,11 +160,14 @@ export class FacecastClient extends EventTarget {
   /**
    * Open a session. With a microphone stream its audio track is sent; without one the client
    * only receives (it can still type). avatar, voice and persona are names from /api/options;
-   * leave them out for the server's defaults. `video: false` asks for audio only.
+   * leave them out for the server's defaults. `video: false` asks for audio only. `conversation`
+   * (default: the one this tab kept) continues an earlier conversation; the server's `session`
+   * event names the conversation, and the client keeps it for the next connect().
    */
-  async connect({ microphone = null, avatar, voice, persona, video = true } = {}) {
+  async connect({ microphone = null, avatar, voice, persona, video = true, conversation = savedConversation() } = {}) {
     await this._negotiate({ microphone, video }, async (offerSdp) => {
       const body = { sdp: offerSdp, type: "offer" };
+      if (conversation) body.conversation = conversation;
       if (avatar) body.avatar = avatar;
       if (voice) body.voice = voice;
       if (persona) body.persona = persona;
@@ -252,6 +284,7 @@ export class FacecastClient extends EventTarget {
     }
     if (!event || typeof event.type !== "string") return;
     if (event.type === "state") this.state = event.state;
+    if (event.type === "session" && !event.broadcast) keepConversation(event.conversation);
     this.dispatchEvent(new CustomEvent(event.type, { detail: event }));
   }
 }

@@ -4,7 +4,7 @@
 //
 // Query string: ?avatar=&persona=&voice= (names from /api/options), idle=SECONDS (attract after
 // this much quiet, default 45), max_backoff=SECONDS (longest wait between reconnects, default 10).
-import { FacecastClient, FacecastError, Reconnector, captionText, fetchOptions } from "./facecast.js";
+import { FacecastClient, FacecastError, Reconnector, captionText, fetchOptions, forgetConversation } from "./facecast.js";
 
 const MIC_CONSTRAINTS = {
   // Echo cancellation keeps the avatar from hearing (and interrupting) itself through the speakers.
@@ -80,6 +80,7 @@ function checkIdle() {
   if (conversed && client?.connected) {
     // The next visitor should not inherit this conversation: start a fresh session.
     conversed = false;
+    forgetConversation();
     client.close("idle: fresh conversation for the next visitor");
   }
 }

@@ -19,6 +19,10 @@ from engines.avatar import Avatar, load_avatar
 from engines.base import ChatMessage, LipSyncEngine, LLMEngine, TTSEngine
 from engines.lipsync.wav2lip.model import deterministic_state_dict
 from engines.registry import IMPLEMENTATIONS, create_engine
+from media_server.cluster.link import ClusterLink
+from media_server.cluster.lipsync import RemoteLipSync
+from media_server.config import ClusterSettings
+from media_server.testing.cluster import InProcessWorker, LoopThread, NatsServer, remote_lipsync
 from media_server.testing.fakes import NumberedLipSync, ScriptedLLM, ToneTTS, blank_avatar
 
 FPS, RATE = 25, 48000
@@ -34,7 +38,38 @@ def wav2lip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-LIPSYNC_ENGINES = [*IMPLEMENTATIONS["lipsync"], "scripted"]
+# The cluster's remote lip-sync with no worker answering (every frame rendered here), and with a real
+# worker behind a real nats-server.
+LIPSYNC_ENGINES = [*IMPLEMENTATIONS["lipsync"], "scripted", "remote-alone", "remote-worker"]
+
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+def _seeded_warp() -> LipSyncEngine:
+    engine = create_engine("lipsync", "warp", {"seed": 11})
+    assert isinstance(engine, LipSyncEngine)
+    return engine
+
+
+def _remote(request: pytest.FixtureRequest, avatar: Avatar) -> LipSyncEngine:
+    loop = request.getfixturevalue("loop_thread")
+    if request.param == "remote-alone":
+        engine = RemoteLipSync(ClusterLink(ClusterSettings(url="nats://127.0.0.1:9"), "node"), _seeded_warp(), ClusterSettings())
+    else:
+        nats = NatsServer()
+        nats.start()
+        request.addfinalizer(nats.close)
+        worker = InProcessWorker(nats, loop, _seeded_warp(), "contract-worker")
+        request.addfinalizer(worker.stop)
+        engine = remote_lipsync(nats.url, loop, _seeded_warp(), lipsync_chunk_deadline_s=5.0, lipsync_lease_timeout_s=5.0)
+        request.addfinalizer(lambda: loop.run(engine.link.close()))
+    engine.prepare(avatar)
+    return engine
 
 
 @pytest.fixture(scope="module", params=LIPSYNC_ENGINES)
@@ -42,6 +77,9 @@ def lipsync(request: pytest.FixtureRequest, wav2lip_checkpoint: Path) -> tuple[L
     """Every registered lip-sync engine (and the tests' scripted one), with an avatar it can render."""
     if request.param == "scripted":
         return NumberedLipSync(), blank_avatar()
+    if request.param.startswith("remote"):
+        avatar = load_avatar(AVATAR_DIR)
+        return _remote(request, avatar), avatar
     # Seeded, so two streams move alike (unseeded, every stream blinks and moves in its own way).
     seeded = {"seed": 11}
     options = {"checkpoint": str(wav2lip_checkpoint), "backend": "torch", "warp": seeded} if request.param == "wav2lip" else seeded

@@ -1,9 +1,13 @@
 """The tree's layers, kept true: engines below the server, the server's layers in the order data flows
-(http → service → sessions → conversation → media), test support out of the server, and no import cycles."""
+(http → service → cluster → sessions → conversation → media: the model APIs' work and the cluster's
+placing and routing of sessions sit between HTTP and the sessions and never serve HTTP themselves), test
+support out of the server, NATS only for a cluster, and no import cycles."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engines", "media_server")
 # What the server's layers may use of the engines: their interfaces, the registry, avatars, audio helpers.
 ENGINE_INTERFACES = {"engines", "engines.base", "engines.registry", "engines.avatar", "engines.audio"}
-# Each layer may import the layers after it, never those before it. The model APIs' work (service) sits
-# between HTTP and the sessions: it uses the conversation's pieces (chunker, deadlines), never a session.
+# Each layer may import the layers after it, never those before it. The model APIs' work (service) uses
+# the conversation's pieces (chunker, deadlines), never a session; the cluster places and routes sessions.
 SERVER_LAYERS = (
     "media_server.http",
     "media_server.service",
+    "media_server.cluster",
     "media_server.sessions",
     "media_server.conversation",
     "media_server.media",
@@ -119,3 +124,10 @@ def test_no_import_cycles() -> None:
 
     cycles = [cycle for module in sorted(graph) if (cycle := cycle_from(module, [])) is not None]
     assert cycles == []
+
+
+def test_one_machine_alone_never_imports_nats() -> None:
+    """``make run`` needs no NATS: the server, its CLI and the HTTP app import it only for a cluster."""
+    check = "import sys, media_server.cli.main, media_server.http.app; print('nats' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "False"

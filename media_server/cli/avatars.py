@@ -11,6 +11,7 @@ half-written is left behind.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from engines.avatar import (
     smooth_boxes,
 )
 from engines.embedded_models import sha256_of
+from media_server.cluster.shared import ClusterUnavailable
 from media_server.config import ConfigError, Settings
 
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -254,6 +256,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="Wav2Lip face-crop padding in face-box heights/widths (default: lipsync.pads)",
     )
     add.add_argument("--replace", action="store_true", help="replace an existing avatar of that name")
+    add.add_argument("--cluster", metavar="URL", help="also share it with the nodes and workers of this NATS cluster")
 
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
@@ -273,3 +276,12 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         print(f"facecast: avatars add: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"added avatar {args.name!r} in {folder}")
+    if settings.cluster.url is not None:
+        from media_server.cli.cluster_tools import share_avatar  # imports NATS: only for a cluster
+
+        try:
+            asyncio.run(share_avatar(settings, folder))
+        except ClusterUnavailable as error:
+            print(f"facecast: avatars add: added here, but not shared with the cluster: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        print(f"shared avatar {args.name!r} with cluster {settings.cluster.name!r}")

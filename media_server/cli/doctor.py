@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import platform
@@ -82,4 +83,14 @@ def report(settings: Settings, constraints: Path = dependencies.CONSTRAINTS_FILE
         "codecs": _codecs(),
         "avatars": _avatars(settings),
         "server": {"host": server.host, "port": server.port, "max_sessions": server.max_sessions},
+        "cluster": _cluster(settings),
     }
+
+
+def _cluster(settings: Settings) -> dict[str, object] | None:
+    """The cluster's connection, when one is configured: NATS, JetStream, and the processes it has."""
+    if settings.cluster.url is None:
+        return None
+    from media_server.cli.cluster_tools import check_connection  # imports NATS: only for a cluster
+
+    return asyncio.run(check_connection(settings))

@@ -1,4 +1,4 @@
-"""The ``facecast`` command: serve, doctor, bench."""
+"""The ``facecast`` command: serve, doctor, bench, worker and the tools."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["server.host"] = args.host
     if getattr(args, "port", None) is not None:
         overrides["server.port"] = str(args.port)
-    for flag, key in (("tls_cert", "server.tls_cert"), ("tls_key", "server.tls_key"), ("rtmp", "broadcast.rtmp_url")):
+    flags = (("tls_cert", "server.tls_cert"), ("tls_key", "server.tls_key"), ("rtmp", "broadcast.rtmp_url"), ("cluster", "cluster.url"))
+    for flag, key in flags:
         if getattr(args, flag, None):
             overrides[key] = str(getattr(args, flag))
     return load_settings(args.config, overrides)
@@ -99,7 +100,7 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
 
 BENCHMARKS = {
     name: f"cli.bench.{name}"
-    for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak", "avatarchatbot", "remote")
+    for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak", "avatarchatbot", "remote", "cluster")
 }
 
 # Sub-commands that configure their own arguments: name, module, help.
@@ -107,7 +108,9 @@ TOOL_COMMANDS = (
     ("avatars", "cli.avatars", "add avatars from a photo or a short video"),
     ("render", "cli.render", "write an MP4 of an avatar speaking an audio file"),
     ("models", "cli.models", "download models Facecast cannot ship (run by hand, on a connected machine)"),
+    ("worker", "cli.worker", "render lip-sync and render jobs for a cluster's media nodes (needs --cluster)"),
 )
+CLUSTER_HELP = "join the cluster of this NATS server, e.g. nats://nats.example.org:4222 (cluster.url)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate (chain) to serve HTTPS; with --tls-key")
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     serve.add_argument("--rtmp", metavar="URL", help="start the default broadcast session and push it to this RTMP URL")
+    serve.add_argument("--cluster", metavar="URL", help=CLUSTER_HELP)
     serve.set_defaults(run=_serve)
     doctor = commands.add_parser("doctor", help="report engines, models, devices and codecs", parents=[settable])
     doctor.add_argument(
@@ -135,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=CONSTRAINTS_FILE,
         help="the pip constraints file of the tested versions (default: the checkout's constraints.txt)",
     )
+    doctor.add_argument("--cluster", metavar="URL", help="also check the connection to this NATS server (cluster.url)")
     doctor.set_defaults(run=_doctor)
     bench = commands.add_parser("bench", help="benchmarks", parents=[settable])
     bench.add_argument("what", choices=list(BENCHMARKS))
@@ -152,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--barge-ins", type=int, default=10, help="interruptions to measure")
     bench.add_argument("--minutes", type=float, default=30.0, help="soak: how long the session talks")
+    bench.add_argument("--clients", type=int, default=6, help="cluster: pages talking at once")
+    bench.add_argument("--quick", action="store_true", help="cluster: 2 pages, 2 questions each, fewer chunks")
     bench.add_argument("--every", type=float, default=20.0, help="soak: seconds from one question to the next")
     bench.add_argument(
         "--long-turns",

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import numpy as np
 from aiortc.mediastreams import MediaStreamTrack
@@ -60,7 +60,11 @@ class Conversation:
         output: AvatarOutput,
         metrics: ServerMetrics,
         emit: Emit,
+        history: Sequence[ChatMessage] = (),
+        on_history: Callable[[list[ChatMessage]], None] = lambda history: None,
     ) -> None:
+        """``history``: what an earlier session of this conversation said; ``on_history`` is given the
+        history after each change (a cluster keeps it for the next session)."""
         self.engines = engines
         self.settings = settings
         self.persona = persona
@@ -68,7 +72,8 @@ class Conversation:
         self.metrics = metrics
         self._client_emit = emit
         self.state: State = "listening"
-        self.history: list[ChatMessage] = []
+        self.history: list[ChatMessage] = list(history)
+        self._on_history = on_history
         self.last_client_activity = time.monotonic()
         self.listener = Listener(
             engines.vad, settings, metrics, on_turn_event=self._on_turn_event, avatar_busy=self._avatar_busy
@@ -323,6 +328,7 @@ class Conversation:
     def _remember(self, message: ChatMessage) -> None:
         self.history.append(message)
         del self.history[: -self.settings.memory.max_history_messages]
+        self._on_history(list(self.history))
 
     def report_error(self, error: Error) -> None:
         self.metrics.errors.labels(error.code).inc()

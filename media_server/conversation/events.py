@@ -36,6 +36,8 @@ class SessionInfo(Event):
     voice: str
     broadcast: bool = False
     viewer_id: str | None = None
+    conversation: str | None = None  # a talk session's conversation id, for the page to send when it reconnects
+    resumed: int = 0  # messages of that conversation remembered from earlier sessions
 
     def fields(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -44,6 +46,10 @@ class SessionInfo(Event):
             "persona": self.persona,
             "voice": self.voice,
         }
+        if self.conversation is not None:
+            out["conversation"] = self.conversation
+        if self.resumed:
+            out["resumed"] = self.resumed
         if self.broadcast:
             out["broadcast"] = True
         if self.viewer_id is not None:

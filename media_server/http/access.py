@@ -8,6 +8,9 @@
   and also ``Authorization: Bearer <server.api_token>``; with no token configured, only clients on this
   machine (loopback, not through a proxy).
 
+A request another node of the cluster forwarded (http/cluster.py) was checked by that node: it is served
+as it is, from the client the forwarding node names.
+
 And for every request: the ``Host`` must be a name this server is known by (an IP address, localhost,
 this machine's name, ``server.host``, ``server.allowed_hosts``). Otherwise a web page on any site could
 reach a local server through a DNS name it controls that resolves to 127.0.0.1 (DNS rebinding), and
@@ -26,8 +29,10 @@ from urllib.parse import urlsplit
 from aiohttp import hdrs, web
 from aiohttp.web_urldispatcher import AbstractRoute
 
+from media_server.cluster.shared import CLIENT_HEADER
 from media_server.config import ServerSettings
 from media_server.http.errors import ApiError, Handler, bad_request
+from media_server.http.limits import FORWARDED_CLIENT
 
 PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 PREFLIGHT_MAX_AGE_S = 600
@@ -149,12 +154,17 @@ def control_refusal(request: web.Request, settings: ServerSettings) -> ApiError 
 
 
 def access_middleware(
-    settings: ServerSettings, access_of: Callable[[AbstractRoute], Access]
+    settings: ServerSettings,
+    access_of: Callable[[AbstractRoute], Access],
+    forwarded: Callable[[web.Request], bool] = lambda request: False,
 ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     known = known_host_names(settings)
 
     @web.middleware
     async def control_access(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if forwarded(request):
+            request[FORWARDED_CLIENT] = request.headers.get(CLIENT_HEADER, "")
+            return await handler(request)
         if (refusal := host_refusal(request, known)) is not None:
             raise refusal
         origin = cross_origin(request)

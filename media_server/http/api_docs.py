@@ -116,6 +116,16 @@ WHEP_OFFER = Operation(
 )
 WHEP_STOP = Operation("Stop watching (WHEP)", "watch", responses={200: CLOSED})
 
+# --- the cluster ---------------------------------------------------------------------------------------
+
+CLUSTER_VIEW = Operation(
+    "The cluster's nodes and workers: addresses, sessions, capacity, load (404 without a cluster)",
+    "cluster",
+    responses={200: json_body(obj({"nodes": {"type": "array", "items": {"type": "object"}}}, ("nodes",)))},
+)
+JOB_STATUS = Operation("A render job's state (queued, running, done, failed) and its error", "cluster", responses={200: ANY_OBJECT})
+JOB_VIDEO = Operation("A finished render job's MP4", "cluster", responses={200: Body("video/mp4", BINARY)})
+
 # --- about the server --------------------------------------------------------------------------------
 
 OPTIONS = Operation("Avatars, personas, voices and ICE servers the pages offer", "server", responses={200: ANY_OBJECT})

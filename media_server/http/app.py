@@ -14,13 +14,14 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from media_server.http import api_docs as docs
-from media_server.http import broadcasts, info, opea, openai_api, talk, whep
+from media_server.http import broadcasts, cluster, info, opea, openai_api, talk, whep
 from media_server.http.access import Access, access_middleware
 from media_server.http.errors import ApiError, Handler, errors_as_json
 from media_server.http.limits import OfferLimiter
 from media_server.http.openapi import Operation, openapi_json
 from media_server.http.state import (
     AVATAR_MASKS,
+    CLUSTER,
     METRICS,
     OFFER_LIMITER,
     ON_DEMAND_START,
@@ -45,26 +46,62 @@ class Route:
     access: Access
     doc: Operation  # what /openapi.json says of it
     uploads: bool = False  # its requests carry audio: bodies up to api.max_body_bytes, not server.max_body_bytes
+    session_owned: bool = False  # in a cluster, served by the node that owns the session it names
 
 
 ROUTES = (
     # Talk sessions: a browser's peer connection.
     Route("POST", "/offer", talk.offer, Access.CLIENT, docs.OFFER),
-    Route("DELETE", "/sessions/{session_id}", talk.delete_session, Access.CLIENT, docs.DELETE_TALK),
+    Route("DELETE", "/sessions/{session_id}", talk.delete_session, Access.CLIENT, docs.DELETE_TALK, session_owned=True),
     # Broadcast sessions, driven by programs.
     Route("POST", "/api/sessions", broadcasts.create_session, Access.CONTROL, docs.CREATE_BROADCAST),
     Route("GET", "/api/sessions", broadcasts.list_sessions, Access.CONTROL, docs.LIST_BROADCASTS),
-    Route("GET", "/api/sessions/{session_id}", broadcasts.get_session, Access.CONTROL, docs.GET_BROADCAST),
-    Route("DELETE", "/api/sessions/{session_id}", broadcasts.delete_session, Access.CONTROL, docs.DELETE_BROADCAST),
-    Route("POST", "/api/sessions/{session_id}/say", broadcasts.say, Access.CONTROL, docs.SAY),
-    Route("POST", "/api/sessions/{session_id}/chat", broadcasts.chat, Access.CONTROL, docs.CHAT),
-    Route("POST", "/api/sessions/{session_id}/interrupt", broadcasts.interrupt, Access.CONTROL, docs.INTERRUPT),
-    Route("POST", "/api/sessions/{session_id}/rtmp", broadcasts.start_rtmp, Access.CONTROL, docs.START_RTMP),
-    Route("DELETE", "/api/sessions/{session_id}/rtmp", broadcasts.stop_rtmp, Access.CONTROL, docs.STOP_RTMP),
+    Route(
+        "GET",
+        "/api/sessions/{session_id}",
+        broadcasts.get_session,
+        Access.CONTROL,
+        docs.GET_BROADCAST,
+        session_owned=True,
+    ),
+    Route(
+        "DELETE",
+        "/api/sessions/{session_id}",
+        broadcasts.delete_session,
+        Access.CONTROL,
+        docs.DELETE_BROADCAST,
+        session_owned=True,
+    ),
+    Route("POST", "/api/sessions/{session_id}/say", broadcasts.say, Access.CONTROL, docs.SAY, session_owned=True),
+    Route("POST", "/api/sessions/{session_id}/chat", broadcasts.chat, Access.CONTROL, docs.CHAT, session_owned=True),
+    Route(
+        "POST",
+        "/api/sessions/{session_id}/interrupt",
+        broadcasts.interrupt,
+        Access.CONTROL,
+        docs.INTERRUPT,
+        session_owned=True,
+    ),
+    Route(
+        "POST",
+        "/api/sessions/{session_id}/rtmp",
+        broadcasts.start_rtmp,
+        Access.CONTROL,
+        docs.START_RTMP,
+        session_owned=True,
+    ),
+    Route(
+        "DELETE",
+        "/api/sessions/{session_id}/rtmp",
+        broadcasts.stop_rtmp,
+        Access.CONTROL,
+        docs.STOP_RTMP,
+        session_owned=True,
+    ),
     # Watching a broadcast.
-    Route("POST", "/whep", whep.offer, Access.CLIENT, docs.WHEP_OFFER),
-    Route("POST", "/whep/{session_id}", whep.offer, Access.CLIENT, docs.WHEP_OFFER),
-    Route("DELETE", "/whep/{session_id}/{viewer_id}", whep.stop, Access.CLIENT, docs.WHEP_STOP),
+    Route("POST", "/whep", whep.offer, Access.CLIENT, docs.WHEP_OFFER, session_owned=True),
+    Route("POST", "/whep/{session_id}", whep.offer, Access.CLIENT, docs.WHEP_OFFER, session_owned=True),
+    Route("DELETE", "/whep/{session_id}/{viewer_id}", whep.stop, Access.CLIENT, docs.WHEP_STOP, session_owned=True),
     # The OpenAI-compatible model API.
     Route("GET", "/v1/models", openai_api.models, Access.CONTROL, docs.MODELS),
     Route("POST", "/v1/chat/completions", openai_api.chat_completions, Access.CONTROL, docs.CHAT_COMPLETIONS),
@@ -82,6 +119,10 @@ ROUTES = (
     Route("GET", "/outputs/{name}", opea.output, Access.CONTROL, docs.OUTPUT),
     Route("GET", "/v1/health_check", opea.health_check, Access.PAGE, docs.HEALTH_CHECK),
     Route("GET", "/health", opea.health, Access.PAGE, docs.HEALTH),
+    # The cluster: its processes (an operator's view: addresses and load), and render jobs.
+    Route("GET", "/api/cluster", cluster.cluster_view, Access.CONTROL, docs.CLUSTER_VIEW),
+    Route("GET", "/api/jobs/{job_id}", cluster.job_status, Access.CONTROL, docs.JOB_STATUS),
+    Route("GET", "/api/jobs/{job_id}/video.mp4", cluster.job_video, Access.CONTROL, docs.JOB_VIDEO),
     # About the server.
     Route("GET", "/api/options", info.options, Access.CLIENT, docs.OPTIONS),
     Route("GET", "/api/avatars/{name}/mask.png", info.avatar_mask, Access.CLIENT, docs.AVATAR_MASK),
@@ -120,16 +161,42 @@ def with_body_limit(handler: Handler, limit: int) -> Handler:
     return limited
 
 
+def _join_cluster(app: web.Application, runtime: Runtime, sessions: SessionRegistry) -> Runtime:
+    """Make this server a node of the configured cluster; the runtime its sessions open with."""
+    from media_server.cluster.node import ClusterNode  # imports NATS: only for a cluster
+
+    app[CLUSTER] = node = ClusterNode(runtime, sessions)
+    app.on_startup.append(lambda app: node.start())
+    app.on_cleanup.append(lambda app: node.stop())
+    return node.runtime
+
+
+def _forwarded(app: web.Application, request: web.Request) -> bool:
+    """Whether ``request`` was forwarded by another node of the cluster, which checked its client's access."""
+    node = app.get(CLUSTER)
+    return node is not None and node.replayer.trusts(request)
+
+
 def create_app(runtime: Runtime) -> web.Application:
     server = runtime.settings.server
     access: dict[AbstractRoute, Access] = {}
+    owned = {route.path for route in ROUTES if route.session_owned}
     # errors_as_json twice: inside, so the access layer can add CORS headers to every error a handler
     # gives; outside, for the access layer's own refusals.
-    middlewares = [errors_as_json, access_middleware(server, lambda route: access.get(route, Access.PAGE)), errors_as_json]
+    middlewares = [
+        errors_as_json,
+        access_middleware(
+            server, lambda route: access.get(route, Access.PAGE), lambda request: _forwarded(app, request)
+        ),
+        errors_as_json,
+        cluster.to_session_owner(owned),
+    ]
     app = web.Application(client_max_size=server.max_body_bytes, middlewares=middlewares)
-    app[RUNTIME] = runtime
     app[METRICS] = metrics = ServerMetrics()
-    app[SESSIONS] = SessionRegistry(server.max_sessions, metrics)
+    app[SESSIONS] = sessions = SessionRegistry(server.max_sessions, metrics)
+    if runtime.settings.cluster.url is not None:
+        runtime = _join_cluster(app, runtime, sessions)
+    app[RUNTIME] = runtime
     app[OFFER_LIMITER] = OfferLimiter(server.offers_per_minute)
     app[ON_DEMAND_START] = asyncio.Lock()
     app[AVATAR_MASKS] = {}

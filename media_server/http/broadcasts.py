@@ -7,8 +7,9 @@ import uuid
 from aiohttp import web
 
 from media_server.conversation.events import Error
+from media_server.http.cluster import placed_elsewhere
 from media_server.http.errors import ApiError, busy, field, json_body
-from media_server.http.opening import Choices, choices_from, session_setup
+from media_server.http.opening import Choices, choices_from, fetch_avatar_named, session_setup
 from media_server.http.state import RUNTIME, SESSIONS
 from media_server.sessions.broadcast import BroadcastSession, PushLimitReached
 from media_server.sessions.messages import BadMessage, checked_session_id, checked_text
@@ -60,7 +61,11 @@ async def create_session(request: web.Request) -> web.Response:
     body = await json_body(request, optional=True)
     session_id = field(body, "id", checked_session_id) if body.get("id") is not None else uuid.uuid4().hex
     rtmp_url = field(body, "rtmp_url", _rtmp_url) if body.get("rtmp_url") is not None else None
-    session = await open_broadcast(request.app, session_id, choices_from(body, request.app[RUNTIME]))
+    await fetch_avatar_named(request.app, body)
+    chosen = choices_from(body, request.app[RUNTIME])
+    if (answer := await placed_elsewhere(request)) is not None:
+        return answer
+    session = await open_broadcast(request.app, session_id, chosen)
     if rtmp_url is not None:
         _start_rtmp(session, rtmp_url)
     return web.json_response(session.describe(), status=201, headers={"Location": f"/api/sessions/{session_id}"})

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from engines.avatar import AvatarError
 from media_server.http.errors import ApiError
-from media_server.http.state import AVATAR_MASKS, METRICS, RUNTIME, SESSIONS
+from media_server.http.state import AVATAR_MASKS, CLUSTER, METRICS, RUNTIME, SESSIONS
 from media_server.media.segmentation import mask_png
 
 
@@ -16,14 +16,22 @@ async def healthz(request: web.Request) -> web.Response:
     """Answers once the server listens, which is after every engine has loaded and warmed up."""
     engines = request.app[RUNTIME].engines.descriptions
     sessions = request.app[SESSIONS]
-    return web.json_response(
-        {
-            "status": "ok",
-            "engines": {stage: description["engine"] for stage, description in engines.items()},
-            "sessions": len(sessions.talks),
-            "broadcasts": len(sessions.broadcasts),
+    health: dict[str, object] = {
+        "status": "ok",
+        "engines": {stage: description["engine"] for stage, description in engines.items()},
+        "sessions": len(sessions.talks),
+        "broadcasts": len(sessions.broadcasts),
+    }
+    if (node := request.app.get(CLUSTER)) is not None:
+        nodes = node.nodes()
+        health["cluster"] = {
+            "name": node.link.settings.name,
+            "node_id": node.link.node_id,
+            "connected": node.link.connected,
+            "nodes": sum(entry.role == "node" for entry in nodes),
+            "workers": sum(entry.role == "worker" for entry in nodes),
         }
-    )
+    return web.json_response(health)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -33,9 +41,10 @@ async def metrics(request: web.Request) -> web.Response:
 async def options(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     server = runtime.settings.server
+    node = request.app.get(CLUSTER)
     return web.json_response(
         {
-            "avatars": runtime.avatars.names(),
+            "avatars": node.avatar_names() if node is not None else runtime.avatars.names(),
             "personas": {name: p.display_name for name, p in runtime.personas.items()},
             "voices": runtime.engines.tts.voices,
             "defaults": {"avatar": server.default_avatar, "persona": server.default_persona},

@@ -10,10 +10,14 @@ from collections import deque
 from aiohttp import web
 
 WINDOW_S = 60.0
+FORWARDED_CLIENT = "forwarded_client"  # the request's key for the client of a request another node forwarded
 
 
 def client_address(request: web.Request) -> str:
-    """The client's address; behind a proxy on this machine, the address the proxy says it forwards."""
+    """The client's address; behind a proxy on this machine, the address the proxy says it forwards; for a
+    request another node of the cluster forwarded, the client that node saw."""
+    if forwarded := request.get(FORWARDED_CLIENT):
+        return str(forwarded)
     remote = request.remote or "unknown"
     forwarded = request.headers.get("X-Forwarded-For")
     try:

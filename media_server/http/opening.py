@@ -12,10 +12,10 @@ from aiortc.sdp import SessionDescription
 
 from engines.avatar import AvatarError
 from media_server.http.errors import ApiError, bad_request
-from media_server.http.limits import client_address
-from media_server.http.state import METRICS, OFFER_LIMITER, RUNTIME
+from media_server.http.limits import FORWARDED_CLIENT, client_address
+from media_server.http.state import CLUSTER, METRICS, OFFER_LIMITER, RUNTIME
 from media_server.runtime import Runtime
-from media_server.sessions.base import SessionSetup
+from media_server.sessions.base import ConversationMemory, SessionSetup
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,14 @@ def choices_from(body: dict[str, object], runtime: Runtime) -> Choices:
     return Choices(avatar, persona, voice)
 
 
-async def session_setup(app: web.Application, chosen: Choices) -> SessionSetup:
+async def fetch_avatar_named(app: web.Application, body: dict[str, object]) -> None:
+    """In a cluster, an avatar this node lacks is fetched from the cluster before the request is checked."""
+    node, name = app.get(CLUSTER), body.get("avatar")
+    if node is not None and isinstance(name, str) and name not in app[RUNTIME].avatars.names():
+        await node.avatars.ensure(name)
+
+
+async def session_setup(app: web.Application, chosen: Choices, memory: ConversationMemory | None = None) -> SessionSetup:
     """The setup of a new session: its avatar loaded and prepared for lip-sync (422 if it cannot be)."""
     runtime = app[RUNTIME]
     try:
@@ -58,11 +65,15 @@ async def session_setup(app: web.Application, chosen: Choices) -> SessionSetup:
         avatar=avatar,
         persona=runtime.personas[chosen.persona],
         voice=chosen.voice,
+        memory=memory,
     )
 
 
 def count_offer(request: web.Request) -> None:
-    """429 when this client has opened ``server.offers_per_minute`` sessions or viewers in the last minute."""
+    """429 when this client has opened ``server.offers_per_minute`` sessions or viewers in the last minute
+    (counted by the node the client reached, not again by the node it forwarded the offer to)."""
+    if request.get(FORWARDED_CLIENT):
+        return
     retry_after = request.app[OFFER_LIMITER].retry_after(client_address(request))
     if retry_after is not None:
         limit = request.app[RUNTIME].settings.server.offers_per_minute

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from engines.avatar import Avatar
-from engines.base import EngineSet, Persona
+from engines.base import ChatMessage, EngineSet, Persona
 from media_server.config import Settings
 from media_server.conversation.conversation import Conversation
 from media_server.conversation.events import Error, Event
@@ -27,6 +27,16 @@ from media_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 WATCHDOG_PERIOD_S = 1.0
+
+
+@dataclass(frozen=True)
+class ConversationMemory:
+    """A talk session's conversation: its id (the page keeps it), what earlier sessions of it said, and who
+    keeps its history for the next one (a cluster; no one on a single machine)."""
+
+    id: str
+    history: tuple[ChatMessage, ...] = ()
+    keep: Callable[[list[ChatMessage]], None] = lambda history: None
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,7 @@ class SessionSetup:
     avatar: Avatar
     persona: Persona
     voice: str
+    memory: ConversationMemory | None = None
 
     def names(self) -> dict[str, str]:
         return {"avatar": self.avatar.name, "persona": self.persona.name, "voice": self.voice}
@@ -69,6 +80,8 @@ class MediaSession(ABC):
             output=self.output,
             metrics=setup.metrics,
             emit=self.send_event,
+            history=setup.memory.history if setup.memory else (),
+            on_history=setup.memory.keep if setup.memory else lambda history: None,
         )
 
     @abstractmethod

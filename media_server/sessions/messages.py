@@ -38,6 +38,15 @@ def checked_session_id(value: object) -> str:
     return value
 
 
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+
+
+def checked_conversation_id(value: object) -> str:
+    if not isinstance(value, str) or not CONVERSATION_ID.fullmatch(value):
+        raise BadMessage('"conversation" must be 8 to 64 letters, digits, "-" or "_"')
+    return value
+
+
 def json_object(raw: str | bytes) -> dict[str, object]:
     """``raw`` as a JSON object, or BadMessage (never RecursionError or UnicodeDecodeError)."""
     try:

@@ -8,11 +8,15 @@ slot back, whatever went wrong.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from media_server.metrics import ServerMetrics
 from media_server.sessions.base import MediaSession
 from media_server.sessions.broadcast import BroadcastSession
 from media_server.sessions.talk import TalkSession
+
+# Told of every session that opens (True) or closes (False): the cluster routes each session's APIs to its node.
+SessionListener = Callable[[MediaSession, bool], None]
 
 
 class ServerFull(Exception):
@@ -48,6 +52,7 @@ class SessionRegistry:
         self.broadcasts: dict[str, BroadcastSession] = {}
         self._reserved = 0
         self._reserved_ids: set[str] = set()
+        self.listeners: list[SessionListener] = []
 
     @property
     def open_sessions(self) -> int:
@@ -78,12 +83,16 @@ class SessionRegistry:
             self.talks[session.id] = session
         self.metrics.sessions_total.inc()
         self._update_gauge()
+        for listener in self.listeners:
+            listener(session, True)
 
     def forget(self, session: MediaSession) -> None:
         """A session closed: its slot is free (passed to every session as its ``on_closed``)."""
         for sessions in (self.talks, self.broadcasts):
             if sessions.get(session.id) is session:
                 del sessions[session.id]
+                for listener in self.listeners:
+                    listener(session, False)
         self._update_gauge()
 
     def _update_gauge(self) -> None:

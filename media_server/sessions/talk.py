@@ -54,7 +54,9 @@ class TalkSession(MediaSession):
             return
         self.channel = channel
         channel.on("message", self._on_message)
-        self.send_event(SessionInfo(self.id, **self.setup.names()))
+        memory = self.setup.memory
+        conversation = {"conversation": memory.id, "resumed": len(memory.history)} if memory else {}
+        self.send_event(SessionInfo(self.id, **self.setup.names(), **conversation))
         self.send_event(StateChanged(self.conversation.state))
 
     def _on_message(self, raw: object) -> None:
