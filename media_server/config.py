@@ -177,6 +177,7 @@ class ApiSettings(Strict):
     render_queue: int = Field(4, ge=0)  # renders that may wait for one of those; more get 503 with Retry-After
     outputs_dir: Path = PROJECT_ROOT / "outputs"  # where rendered MP4s go (OPEA's OUTFILE sets its folder)
     outputs_keep: int = Field(100, ge=1)  # the newest MP4s kept there; older ones are deleted
+    job_timeout_s: float = Field(600.0, gt=0)  # in a cluster: how long a render job may take a worker
 
 
 CLUSTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"

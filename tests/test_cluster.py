@@ -10,9 +10,11 @@ conversation goes on at B.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ COMMON = (
     "cluster.lipsync_chunk_deadline_s=0.5",
     "cluster.job_ack_wait_s=2",
     "cluster.job_attempts=2",
+    f"api.outputs_dir={tempfile.mkdtemp(prefix='facecast-cluster-outputs-')}",
 )
 # The longest a reply may wait for its next frame while a worker or the broker is lost. Waiting on them
 # would last a chunk's deadline (lipsync_chunk_deadline_s, 0.5 s here) or for ever; what is left is the
@@ -270,6 +273,21 @@ async def test_a_render_job_outlives_its_worker_and_a_failing_job_ends_failed_wi
     assert rendered.returncode == 0 and "50 frames" in rendered.stdout, rendered.stderr
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 50
+
+
+async def test_the_model_apis_render_as_jobs_of_the_workers(cluster: Cluster, tmp_path: Path) -> None:
+    rate = 16000
+    t = np.arange(2 * rate) / rate
+    speech = (0.3 * np.sin(2 * np.pi * 180 * t) * np.abs(np.sin(2 * np.pi * 2.5 * t))).astype(np.float32)
+    wav = write_wav(tmp_path / "speech.wav", speech, rate).read_bytes()
+    body = {"byte_str": base64.b64encode(wav).decode()}
+    status_code, _, answer = await http_json("POST", f"{cluster.a.url}/v1/animation", json=body)
+    assert status_code == 200 and answer["video_path"].endswith(".mp4")
+    with av.open(answer["video_path"]) as container:
+        assert container.streams.audio and sum(1 for _ in container.decode(video=0)) == 50
+    job_id = Path(answer["video_path"]).stem.rsplit("-", 1)[1]  # the MP4 is named after its render job
+    status_code, _, described = await http_json("GET", f"{cluster.b.url}/api/jobs/{job_id}")
+    assert status_code == 200 and described["state"] == "done" and described["worker"] in cluster.workers
 
 
 async def test_an_avatar_added_on_one_machine_is_fetched_by_a_node_that_lacks_it(cluster: Cluster, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from media_server.cluster.link import ClusterLink
 from media_server.cluster.lipsync import RemoteLipSync
 from media_server.cluster.placement import choose_node
 from media_server.cluster.registry import ClusterView, Heartbeat, NodeInfo, cpu_load
-from media_server.cluster.shared import PLACED_HEADER, AllNodesFull
+from media_server.cluster.shared import PLACED_HEADER, AllNodesFull, ClusterUnavailable
 from media_server.runtime import Runtime
 from media_server.sessions.base import MediaSession
 from media_server.sessions.registry import SessionRegistry
@@ -189,6 +189,18 @@ class ClusterNode:
         """The finished job's status and, when done, its MP4."""
         status = await jobs.wait_for_job(self.link, job_id, timeout_s)
         return status, await jobs.job_video(self.link, job_id) if status.state == "done" else None
+
+    async def render_mp4(self, audio: bytes, avatar: str, timeout_s: float) -> tuple[str, bytes] | None:
+        """A render done by a worker, for the model APIs (service.RenderJobs): its job id and MP4; None while
+        the broker is away (the caller renders it itself); RuntimeError with the job's error when it failed."""
+        try:
+            job_id = await self.submit_render(audio, avatar)
+        except ClusterUnavailable:
+            return None
+        status, video = await self.render_result(job_id, timeout_s)
+        if video is None:
+            raise RuntimeError(f"render job {status.id} {status.state}: {status.error or 'no video'}")
+        return job_id, video
 
     async def job_status(self, job_id: str) -> jobs.JobStatus | None:
         return await jobs.job_status(self.link, job_id)

@@ -200,7 +200,7 @@ def create_app(runtime: Runtime) -> web.Application:
     app[OFFER_LIMITER] = OfferLimiter(server.offers_per_minute)
     app[ON_DEMAND_START] = asyncio.Lock()
     app[AVATAR_MASKS] = {}
-    app[SERVICE] = ModelService(runtime)
+    app[SERVICE] = ModelService(runtime, jobs=app.get(CLUSTER))
     app[ROUTE_TABLE] = ROUTES
     for route in ROUTES:
         handler = route.handler

@@ -4,6 +4,7 @@ newest ``api.outputs_keep`` kept, and only names this directory gave out can be 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 import uuid
@@ -19,10 +20,18 @@ class Outputs:
         self.directory = directory
         self.keep = keep
 
-    def new_path(self) -> Path:
-        """A path no other render has or will have (its name sorts by creation time)."""
+    def new_path(self, unique: str | None = None) -> Path:
+        """A path no other render has or will have (its name sorts by creation time); ``unique``, 32 hex
+        digits, names it instead of a new random id (a cluster's render job id, say)."""
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        return self.directory / f"facecast-{stamp}-{uuid.uuid4().hex}.mp4"
+        return self.directory / f"facecast-{stamp}-{unique or uuid.uuid4().hex}.mp4"
+
+    def write(self, path: Path, content: bytes) -> None:
+        """Write a finished MP4 under a temporary name first, so a half-written one is never served."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_bytes(content)
+        os.replace(partial, path)
 
     def existing(self, name: str) -> Path:
         """The finished MP4 called ``name``; NotFound for any other name, however it is spelt."""

@@ -7,6 +7,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -27,13 +28,23 @@ PUSH_SECONDS = 0.5  # of speech, pushed to the lip-sync stream at a time
 LOOK_AHEAD_S = 0.25  # speech a lip-sync stream may hold back before it renders the frames it belongs to
 
 
+class RenderJobs(Protocol):
+    """Renders run as durable jobs by other processes (a cluster's workers: cluster/node.py)."""
+
+    async def render_mp4(self, audio: bytes, avatar: str, timeout_s: float) -> tuple[str, bytes] | None:
+        """The job's id (32 hex digits) and the MP4 of ``avatar`` speaking ``audio``; None when no job can be
+        taken now (render it here); TimeoutError after ``timeout_s``; RuntimeError with the job's error."""
+        ...
+
+
 class ModelService:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, jobs: RenderJobs | None = None) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
         api = runtime.settings.api
         self.outputs = Outputs(api.outputs_dir, api.outputs_keep)
         self.renders = RenderQueue(api.max_concurrent_renders, api.render_queue)
+        self.jobs = jobs
 
     # --- choices -----------------------------------------------------------------------------
 
@@ -111,7 +122,12 @@ class ModelService:
         self, audio: bytes, persona: Persona, voice: str, avatar: str, max_tokens: int | None
     ) -> Path:
         """ASR → LLM → TTS → lip-sync: an MP4 of the avatar speaking its answer, every stage streaming into
-        the next (sentences are spoken while the LLM writes on, frames encoded as they are rendered)."""
+        the next (sentences are spoken while the LLM writes on, frames encoded as they are rendered). In a
+        cluster the spoken answer is rendered as a job by a worker."""
+        if self.jobs is not None:
+            spoken = await self.answer_speech(audio, persona, voice, max_tokens)
+            if (path := await self._render_job(spoken, avatar)) is not None:
+                return path
         async with self.renders.turn():
             question = await self.question(audio)
             video = await self._open_video(avatar)
@@ -132,9 +148,14 @@ class ModelService:
         return video.path
 
     async def animate(self, audio: bytes, avatar: str) -> Path:
-        """An MP4 of the avatar speaking ``audio`` (any container PyAV decodes)."""
+        """An MP4 of the avatar speaking ``audio`` (any container PyAV decodes); in a cluster, a job for its
+        workers (a worker killed mid-render, the job goes to another)."""
+        rate, limit = self.settings.media.sample_rate, self.settings.api.max_audio_s
+        if self.jobs is not None:
+            await asyncio.to_thread(read_audio, audio, rate, limit, "the audio")  # refused here if unusable
+            if (path := await self._render_job(audio, avatar)) is not None:
+                return path
         async with self.renders.turn():
-            rate, limit = self.settings.media.sample_rate, self.settings.api.max_audio_s
             samples = await asyncio.to_thread(read_audio, audio, rate, limit, "the audio")
             video = await self._open_video(avatar)
             try:
@@ -145,6 +166,24 @@ class ModelService:
                 raise
         self.outputs.prune()
         return video.path
+
+    async def _render_job(self, audio: bytes, avatar: str) -> Path | None:
+        """The MP4 a cluster's worker rendered, in the outputs; None when the cluster cannot take it now."""
+        assert self.jobs is not None
+        timeout_s = self.settings.api.job_timeout_s
+        try:
+            rendered = await self.jobs.render_mp4(audio, avatar, timeout_s)
+        except TimeoutError:
+            raise EngineTimedOut(f"no worker finished the render within {timeout_s:g} s (api.job_timeout_s)") from None
+        except RuntimeError as error:
+            raise EngineFailed(str(error)) from None
+        if rendered is None:
+            return None
+        job_id, mp4 = rendered
+        path = self.outputs.new_path(job_id)  # its name says which job made it (GET /api/jobs/{id})
+        await asyncio.to_thread(self.outputs.write, path, mp4)
+        self.outputs.prune()
+        return path
 
     async def _open_video(self, avatar_name: str) -> SpeechVideo:
         runtime, media = self.runtime, self.settings.media
