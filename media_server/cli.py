@@ -103,12 +103,14 @@ BENCHMARKS = {
     "video": "bench_video",
     "tts": "bench_tts",
     "startup": "bench_startup",
+    "knowledge": "bench_knowledge",
 }
 
 # Sub-commands that configure their own arguments: name, module, help.
 TOOL_COMMANDS = (
     ("avatars", "avatars_cli", "add avatars from a photo or a short video"),
     ("render", "render", "write an MP4 of an avatar speaking an audio file"),
+    ("knowledge", "knowledge_cli", "documents the avatar answers from: add, list, remove, search"),
     ("models", "models_cli", "download models Facecast cannot ship (run by hand, on a connected machine)"),
 )
 
