@@ -7,7 +7,8 @@ a made-up name, and everyday policies asked about in other words than they are w
 the share of questions whose answering passage (right document, containing the answer) is in the top
 three, for full-text search alone, vectors alone and the two fused; ingest pages and passages per
 second; fused search latency p50/p95 (the question's embedding included); and how the relevance
-threshold splits answerable questions from general-knowledge ones the handbook does not answer.
+threshold splits the answerable questions from general-knowledge ones (media_server.speech_corpus)
+that the handbook does not answer: the share of each left with a source.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def run(settings: Settings) -> dict[str, object]:
         question_sets = {"named": named, "policy": [p for p in placed if p.fact in POLICIES]}
         hit_rate: dict[str, dict[str, float]] = {}
         latencies_ms: list[float] = []
-        answerable_relevance: list[float] = []
+        best_relevance: list[float] = []
+        answered = 0
         base.search("warm-up question", TOP)
         for set_name, questions in question_sets.items():
             hits = dict.fromkeys(MODES, 0)
@@ -65,15 +67,13 @@ def run(settings: Settings) -> dict[str, object]:
                     found = base.search(placed_fact.fact.question, TOP, mode=mode, min_relevance=-1.0)
                     if mode == "fused":
                         latencies_ms.append((time.perf_counter() - started) * 1000)
-                        answerable_relevance.append(found[0].relevance if found else -1.0)
+                        best_relevance.append(max(p.relevance for p in found))
                     hits[mode] += _answers(placed_fact, found)
+                answered += bool(base.search(placed_fact.fact.question, TOP))  # with the relevance threshold
             hit_rate[set_name] = {mode: round(hits[mode] / len(questions), 3) for mode in MODES}
-        unanswerable_relevance = [
-            found[0].relevance if (found := base.search(question, TOP, min_relevance=-1.0)) else -1.0
-            for question in QUESTIONS
-        ]
+        unanswered = sum(not base.search(question, TOP) for question in QUESTIONS)
+        unanswerable_relevance = [max(p.relevance for p in base.search(q, TOP, min_relevance=-1.0)) for q in QUESTIONS]
         base.close()
-    threshold = embedder.relevance_threshold
     pages = PDF_FILES * PAGES_PER_PDF + MARKDOWN_FILES * SECTIONS_PER_MARKDOWN
     return {
         "model": embedder.model_id,
@@ -86,15 +86,13 @@ def run(settings: Settings) -> dict[str, object]:
         "ingest_passages_per_s": round(passages / ingest_s, 1),
         "search_ms_p50": round(statistics.median(latencies_ms), 1),
         "search_ms_p95": round(_percentile(latencies_ms, 0.95), 1),
-        "relevance_threshold": threshold,
+        "relevance_threshold": embedder.relevance_threshold,
         "best_relevance_p50": {
-            "answerable": round(statistics.median(answerable_relevance), 3),
+            "answerable": round(statistics.median(best_relevance), 3),
             "unanswerable": round(statistics.median(unanswerable_relevance), 3),
         },
-        "answerable_with_a_source": round(sum(r >= threshold for r in answerable_relevance) / len(answerable_relevance), 3),
-        "unanswerable_with_no_source": round(
-            sum(r < threshold for r in unanswerable_relevance) / len(unanswerable_relevance), 3
-        ),
+        "answerable_with_a_source": round(answered / len(best_relevance), 3),
+        "unanswerable_with_no_source": round(unanswered / len(QUESTIONS), 3),
     }
 
 

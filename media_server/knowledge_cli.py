@@ -97,7 +97,9 @@ def _list(args: argparse.Namespace, settings: KnowledgeSettings) -> None:
     for info in documents:
         added = datetime.fromtimestamp(info.added_at).strftime("%Y-%m-%d %H:%M")
         pages = f"{info.pages} pages, " if info.pages else ""
-        print(f"{info.name}  ({info.kind}, {pages}{info.passages} passages, {info.size_bytes / 1024:.0f} KB, added {added})")
+        print(
+            f"{info.name}  ({info.kind}, {pages}{info.passages} passages, {info.size_bytes / 1024:.0f} KB, added {added})"
+        )
 
 
 def _remove(args: argparse.Namespace, settings: KnowledgeSettings) -> None:
@@ -137,7 +139,9 @@ COMMANDS = {"add": _add, "list": _list, "remove": _remove, "search": _search, "r
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="knowledge_command", required=True)
     add = commands.add_parser("add", help="add documents to a knowledge base (created if new); same name replaces")
-    add.add_argument("name", help="the knowledge base: lower-case letters, digits, - and _ ('default' for every persona)")
+    add.add_argument(
+        "name", help="the knowledge base: lower-case letters, digits, - and _ ('default' for every persona)"
+    )
     add.add_argument("files", type=Path, nargs="+", metavar="FILE", help=SUPPORTED)
     listing = commands.add_parser("list", help="list the knowledge bases, or one base's documents")
     listing.add_argument("name", nargs="?")

@@ -104,12 +104,18 @@ class PlacedFact:
     section: str | None  # Markdown section heading
 
 
-SYLLABLES = "ka lo mi ra ven tor sil qua dre nox pel zu bri fen gal hem jor lis mar nev or pin rus tal ul vik wes yar".split()
+SYLLABLES = (
+    "ka", "lo", "mi", "ra", "ven", "tor", "sil", "qua", "dre", "nox", "pel", "zu", "bri", "fen", "gal", "hem", "jor",
+    "lis", "mar", "nev", "or", "pin", "rus", "tal", "ul", "vik", "wes", "yar",
+)  # fmt: skip
 ITEMS = (
     "training courses", "home office equipment", "gym membership", "public transport", "professional books",
     "language lessons", "conference travel", "mobile phone costs",
 )  # fmt: skip
-FIRST_NAMES = "Anna Ben Clara David Elena Felix Grace Hugo Ines Jonas Karin Leo Maria Nils Olga Paul Rosa Sven Tara Umar".split()
+FIRST_NAMES = (
+    "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Ines", "Jonas", "Karin", "Leo", "Maria",
+    "Nils", "Olga", "Paul", "Rosa", "Sven", "Tara", "Umar",
+)  # fmt: skip
 FILLER_SUBJECTS = (
     "Team leads", "New colleagues", "The facilities team", "Every department", "Managers", "The works council",
     "Our auditors", "The IT helpdesk", "Project owners", "The safety officer",
@@ -128,14 +134,24 @@ FILLER_REASONS = (
 
 
 POLICIES = (
-    Fact("Bicycles may be stored in the locked shed behind the east wing.", "Where can I leave my bike?", "locked shed"),
+    Fact(
+        "Bicycles may be stored in the locked shed behind the east wing.", "Where can I leave my bike?", "locked shed"
+    ),
     Fact(
         "Lost badges must be reported to reception, which issues a temporary pass for 15 euros.",
         "What happens if I misplace my ID card?",
         "temporary pass",
     ),
-    Fact("Dogs are welcome in the office on Fridays as long as they are on a leash.", "Can I bring my pet to work?", "Fridays"),
-    Fact("The canteen serves a vegan dish every day between noon and two.", "Is there plant-based food at lunch?", "vegan dish"),
+    Fact(
+        "Dogs are welcome in the office on Fridays as long as they are on a leash.",
+        "Can I bring my pet to work?",
+        "Fridays",
+    ),
+    Fact(
+        "The canteen serves a vegan dish every day between noon and two.",
+        "Is there plant-based food at lunch?",
+        "vegan dish",
+    ),
     Fact(
         "New parents receive twenty weeks of paid leave after the birth or adoption of a child.",
         "How long is maternity or paternity leave?",
@@ -146,13 +162,21 @@ POLICIES = (
         "Do I get more money for working longer hours?",
         "time off in lieu",
     ),
-    Fact("Smoking is only allowed in the marked area next to the car park.", "Where may I have a cigarette?", "marked area"),
+    Fact(
+        "Smoking is only allowed in the marked area next to the car park.",
+        "Where may I have a cigarette?",
+        "marked area",
+    ),
     Fact(
         "Laptops must be locked with a cable whenever they are left unattended at a desk.",
         "How should I secure my computer when I step away?",
         "locked with a cable",
     ),
-    Fact("The first aid kits hang beside the lifts on every floor.", "Where are the bandages if someone gets hurt?", "beside the lifts"),
+    Fact(
+        "The first aid kits hang beside the lifts on every floor.",
+        "Where are the bandages if someone gets hurt?",
+        "beside the lifts",
+    ),
     Fact("Salaries are paid on the twenty-fifth of each month.", "When do we get our wages?", "twenty-fifth"),
     Fact(
         "Employees can work remotely up to three days a week after their probation period.",
@@ -164,7 +188,11 @@ POLICIES = (
         "When do I need a medical certificate if I am unwell?",
         "third day",
     ),
-    Fact("Visitors sign in at the front desk and wear a yellow lanyard.", "What must guests do when they arrive?", "yellow lanyard"),
+    Fact(
+        "Visitors sign in at the front desk and wear a yellow lanyard.",
+        "What must guests do when they arrive?",
+        "yellow lanyard",
+    ),
     Fact("Printing in colour needs approval from your line manager.", "Can I make coloured copies?", "line manager"),
     Fact(
         "The fire assembly point is the lawn across the street from the main entrance.",
@@ -188,7 +216,11 @@ POLICIES = (
         "How long does my login secret stay valid?",
         "ninety days",
     ),
-    Fact("Christmas Eve and New Year's Eve are half working days.", "Do we work on the 24th of December?", "half working days"),
+    Fact(
+        "Christmas Eve and New Year's Eve are half working days.",
+        "Do we work on the 24th of December?",
+        "half working days",
+    ),
     Fact(
         "Travel by train is preferred over flights for trips under five hundred kilometres.",
         "Should I fly or take the rail for short business journeys?",
@@ -199,7 +231,11 @@ POLICIES = (
         "When can I exercise in the fitness room downstairs?",
         "six in the morning",
     ),
-    Fact("Lockers on the ground floor can be rented for five euros a month.", "Is there somewhere to keep my belongings?", "Lockers"),
+    Fact(
+        "Lockers on the ground floor can be rented for five euros a month.",
+        "Is there somewhere to keep my belongings?",
+        "Lockers",
+    ),
     Fact(
         "Employees celebrating ten years with the company receive an extra week of holiday.",
         "What is the reward for a decade of service?",
@@ -210,8 +246,16 @@ POLICIES = (
         "How do I dispose of sensitive documents?",
         "grey shredding bins",
     ),
-    Fact("Mothers can use the quiet room on the second floor for breastfeeding.", "Is there a place for nursing a baby?", "quiet room"),
-    Fact("Gifts from suppliers worth more than fifty euros must be declined.", "Am I allowed to accept presents from vendors?", "fifty euros"),
+    Fact(
+        "Mothers can use the quiet room on the second floor for breastfeeding.",
+        "Is there a place for nursing a baby?",
+        "quiet room",
+    ),
+    Fact(
+        "Gifts from suppliers worth more than fifty euros must be declined.",
+        "Am I allowed to accept presents from vendors?",
+        "fifty euros",
+    ),
     Fact(
         "The helpdesk replaces broken keyboards and mice within one working day.",
         "How fast will IT swap a faulty mouse?",

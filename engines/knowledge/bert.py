@@ -170,7 +170,9 @@ class BertEncoder:
             v = split_heads(self._linear(x, p + "attention.self.value"))
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
             context = context.transpose(1, 2).reshape(batch, length, width)
-            x = self._layer_norm(self._linear(context, p + "attention.output.dense") + x, p + "attention.output.LayerNorm", eps)
+            x = self._layer_norm(
+                self._linear(context, p + "attention.output.dense") + x, p + "attention.output.LayerNorm", eps
+            )
             inner = F.gelu(self._linear(x, p + "intermediate.dense"))
             x = self._layer_norm(self._linear(inner, p + "output.dense") + x, p + "output.LayerNorm", eps)
         return x

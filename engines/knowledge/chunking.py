@@ -18,9 +18,9 @@ from engines.knowledge.extract import Block
 SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s+")
 # Words whose full stop does not end a sentence (lower-case, without the final dot).
 ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof st no nr vs etc e.g i.e z.b bzw ca inc ltd co jr sr fig approx dept tel ext vol art abs"
-    " u.a d.h usw ggf evtl".split()
-)
+    ("mr", "mrs", "ms", "dr", "prof", "st", "no", "nr", "vs", "etc", "e.g", "i.e", "z.b", "bzw", "ca", "inc", "ltd",
+     "co", "jr", "sr", "fig", "approx", "dept", "tel", "ext", "vol", "art", "abs", "u.a", "d.h", "usw", "ggf", "evtl")
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,9 @@ def _pdf_blocks(name: str, data: bytes) -> tuple[list[Block], int, tuple[str, ..
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted and not reader.decrypt(""):  # an empty user password only restricts printing etc.
-            raise DocumentError(f"{name} is encrypted: remove the password first (e.g. qpdf --decrypt), then add it again")
+            raise DocumentError(
+                f"{name} is encrypted: remove the password first (e.g. qpdf --decrypt), then add it again"
+            )
         texts = [_clean_pdf_text(page.extract_text() or "") for page in reader.pages]
     except PyPdfError as error:
         raise DocumentError(f"{name} is not a readable PDF ({error}); check the file or export it again") from error

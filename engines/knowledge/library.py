@@ -10,7 +10,7 @@ from pathlib import Path
 from engines.knowledge.embedders import Embedder
 from engines.knowledge.errors import KnowledgeError
 from engines.knowledge.passages import Passage
-from engines.knowledge.store import KnowledgeBase, KnowledgeOptions
+from engines.knowledge.store import DEFAULT_OPTIONS, KnowledgeBase, KnowledgeOptions
 
 DEFAULT_BASE = "default"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -30,7 +30,7 @@ class KnowledgeLibrary:
     """The knowledge bases in ``directory``, opened once each and shared by every thread."""
 
     def __init__(
-        self, directory: Path, embedder: Embedder | None = None, options: KnowledgeOptions = KnowledgeOptions()
+        self, directory: Path, embedder: Embedder | None = None, options: KnowledgeOptions = DEFAULT_OPTIONS
     ) -> None:
         self.directory = Path(directory).expanduser()
         self.embedder = embedder
@@ -57,7 +57,9 @@ class KnowledgeLibrary:
         self, names: Sequence[str], question: str, k: int = 3, *, min_relevance: float | None = None
     ) -> list[Passage]:
         """The best ``k`` passages of several bases together (a persona's ``knowledge`` list); missing bases are an error."""
-        found = [passage for name in names for passage in self.base(name).search(question, k, min_relevance=min_relevance)]
+        found = [
+            passage for name in names for passage in self.base(name).search(question, k, min_relevance=min_relevance)
+        ]
         return sorted(found, key=lambda passage: (-passage.score, -passage.relevance))[:k]
 
     def close(self) -> None:

@@ -63,18 +63,31 @@ END;
 # the one passage a single method ranks first; with few passages shown, each method's best must stay in.
 RRF_K = 2
 MIN_CANDIDATES = 50  # passages taken from each ranking before fusing
+# Before fusing, each ranking keeps only the passages close to its own best: a full-text hit whose bm25
+# is at least TEXT_KEEP of the best one's, a vector hit whose cosine is within VECTOR_KEEP of the best.
+# A question that one method answers decisively (a rare name, bm25 far ahead) then keeps that answer in
+# the top passages, instead of losing it to middling passages both methods list somewhere (measured
+# with facecast bench knowledge).
+TEXT_KEEP = 0.5
+VECTOR_KEEP = 0.1
 # Words that say nothing about what is asked: left out of full-text queries, where they would match
 # nearly every passage (English and German; bm25 alone still weighs other languages' common words down).
 STOPWORDS = frozenset(
-    """a an the and or of to in on at for with by from is are was were be been am do does did can could may
-    might must shall should will would i me my we our you your he she it its they them their this that these
-    those what which who whom when where why how there here if not no any some much many more most than then
-    so as about into over under up down out off each every all other such only very just also get got have
-    has had der die das den dem des ein eine einen einem einer und oder zu im am um für mit von bei aus ist
-    sind war waren bin bist sein wird werden kann können darf muss soll ich mich mir wir uns du dich dir er
-    sie es ihr ihre was wer wie wo wann warum welche welcher welches wieviel viele nicht kein keine auch noch
-    nur schon""".split()
-)
+    (
+        "a", "an", "the", "and", "or", "of", "to", "in", "on", "at", "for", "with", "by", "from", "is", "are", "was",
+        "were", "be", "been", "am", "do", "does", "did", "can", "could", "may", "might", "must", "shall", "should",
+        "will", "would", "i", "me", "my", "we", "our", "you", "your", "he", "she", "it", "its", "they", "them", "their",
+        "this", "that", "these", "those", "what", "which", "who", "whom", "when", "where", "why", "how", "there",
+        "here", "if", "not", "no", "any", "some", "much", "many", "more", "most", "than", "then", "so", "as", "about",
+        "into", "over", "under", "up", "down", "out", "off", "each", "every", "all", "other", "such", "only", "very",
+        "just", "also", "get", "got", "have", "has", "had", "der", "die", "das", "den", "dem", "des", "ein", "eine",
+        "einen", "einem", "einer", "und", "oder", "zu", "im", "am", "um", "für", "mit", "von", "bei", "aus", "ist",
+        "sind", "war", "waren", "bin", "bist", "sein", "wird", "werden", "kann", "können", "darf", "muss", "soll",
+        "ich", "mich", "mir", "wir", "uns", "du", "dich", "dir", "er", "sie", "es", "ihr", "ihre", "was", "wer", "wie",
+        "wo", "wann", "warum", "welche", "welcher", "welches", "wieviel", "viele", "nicht", "kein", "keine", "auch",
+        "noch", "nur", "schon",
+    )
+)  # fmt: skip
 EMBED_BATCH = 64  # passages embedded between two progress reports
 SNIPPET_WORDS = 30
 SearchMode = Literal["fused", "text", "vector"]
@@ -87,6 +100,9 @@ class KnowledgeOptions:
     chunk_words: int = 60
     overlap_words: int = 15
     max_file_bytes: int = 50 * 2**20
+
+
+DEFAULT_OPTIONS = KnowledgeOptions()
 
 
 @dataclass(frozen=True)
@@ -137,10 +153,25 @@ def _snippet(text: str, question: str) -> str:
     return ("… " if start else "") + excerpt + (" …" if start + SNIPPET_WORDS < len(words) else "")
 
 
+def _prepare(connection: sqlite3.Connection, path: Path) -> None:
+    """Create the schema in a new file; refuse a file that is not a knowledge base of this schema."""
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")  # searches go on while another process writes
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            connection.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+    except sqlite3.DatabaseError as error:
+        raise KnowledgeError(f"{path} is not a Facecast knowledge base ({error})") from error
+    if version not in (0, int(SCHEMA_VERSION)):
+        raise KnowledgeError(f"{path} is a knowledge base of another Facecast version (schema {version})")
+
+
 class KnowledgeBase:
     """One knowledge base file. Searches may run from several threads at once; writes are serialised."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, embedder: Embedder | None, options: KnowledgeOptions):
+    def __init__(
+        self, path: Path, connection: sqlite3.Connection, embedder: Embedder | None, options: KnowledgeOptions
+    ):
         self.path = path
         self.name = path.stem
         self.embedder = embedder
@@ -154,7 +185,7 @@ class KnowledgeBase:
         cls,
         path: Path,
         embedder: Embedder | None = None,
-        options: KnowledgeOptions = KnowledgeOptions(),
+        options: KnowledgeOptions = DEFAULT_OPTIONS,
         *,
         create: bool = True,
     ) -> KnowledgeBase:
@@ -163,16 +194,12 @@ class KnowledgeBase:
         if not path.exists() and not create:
             raise KnowledgeError(f"knowledge base {path.stem!r} does not exist ({path}); add documents to create it")
         path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         try:
-            connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-            connection.execute("PRAGMA journal_mode=WAL")  # searches go on while another process writes
-            version = connection.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                connection.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-            elif str(version) != SCHEMA_VERSION:
-                raise KnowledgeError(f"{path} is a knowledge base of another Facecast version (schema {version})")
-        except sqlite3.DatabaseError as error:
-            raise KnowledgeError(f"{path} is not a Facecast knowledge base ({error})") from error
+            _prepare(connection, path)
+        except BaseException:
+            connection.close()
+            raise
         return cls(path, connection, embedder, options)
 
     def close(self) -> None:
@@ -211,35 +238,37 @@ class KnowledgeBase:
             return []
         similarities = index.matrix @ embedder.embed([question])[0]
         candidates = max(MIN_CANDIDATES, k)
+        text = self._text_ranking(question, candidates) if mode != "vector" else []
+        vector = self._vector_ranking(index, similarities, candidates) if mode != "text" else []
+        if mode == "fused":
+            text = [(chunk_id, score) for chunk_id, score in text if score >= TEXT_KEEP * text[0][1]]
+            vector = [(chunk_id, score) for chunk_id, score in vector if score >= vector[0][1] - VECTOR_KEEP]
         scores: dict[int, float] = {}
-        rankings = {
-            "text": lambda: self._text_ranking(question, candidates),
-            "vector": lambda: self._vector_ranking(index, similarities, candidates),
-        }
-        for name, ranking in rankings.items():
-            if mode in (name, "fused"):
-                for rank, chunk_id in enumerate(ranking()):
-                    scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
-        relevance = dict(zip(index.ids.tolist(), similarities.tolist()))
+        for ranking in (text, vector):
+            for rank, (chunk_id, _) in enumerate(ranking):
+                scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
+        relevance = dict(zip(scores, similarities[np.searchsorted(index.ids, list(scores))].tolist()))
         threshold = embedder.relevance_threshold if min_relevance is None else min_relevance
         chosen = [chunk_id for chunk_id in sorted(scores, key=lambda c: -scores[c]) if relevance[chunk_id] >= threshold]
         return self._passages(chosen[:k], question, scores, relevance)
 
-    def _vector_ranking(self, index: _VectorIndex, similarities: np.ndarray, count: int) -> list[int]:
+    def _vector_ranking(self, index: _VectorIndex, similarities: np.ndarray, count: int) -> list[tuple[int, float]]:
+        """(passage id, cosine similarity), most similar first."""
         count = min(count, len(similarities))
         top = np.argpartition(-similarities, count - 1)[:count]
-        return index.ids[top[np.argsort(-similarities[top])]].tolist()
+        top = top[np.argsort(-similarities[top])]
+        return list(zip(index.ids[top].tolist(), similarities[top].tolist()))
 
-    def _text_ranking(self, question: str, count: int) -> list[int]:
+    def _text_ranking(self, question: str, count: int) -> list[tuple[int, float]]:
+        """(passage id, bm25 score, higher is better), best first."""
         query = _text_query(question)
         if not query:
             return []
         with self._lock:
-            rows = self._connection.execute(
-                "SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
+            return self._connection.execute(
+                "SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY bm25(chunks_fts) LIMIT ?",
                 (query, count),
             ).fetchall()
-        return [row[0] for row in rows]
 
     def _passages(
         self, chunk_ids: list[int], question: str, scores: dict[int, float], relevance: dict[int, float]
@@ -299,7 +328,9 @@ class KnowledgeBase:
             chunk_blocks(document.blocks, self.options.chunk_words, self.options.overlap_words)
             for document in documents
         ]
-        vectors = self._embed([_embedding_text(chunk) for document_chunks in chunks for chunk in document_chunks], progress)
+        vectors = self._embed(
+            [_embedding_text(chunk) for document_chunks in chunks for chunk in document_chunks], progress
+        )
         replaced = []
         with self._transaction():
             self._adopt_model(embedder)
@@ -329,7 +360,9 @@ class KnowledgeBase:
         embedder = self._require_embedder()
         with self._lock:
             rows = self._connection.execute("SELECT id, page, section, text FROM chunks ORDER BY id").fetchall()
-        vectors = self._embed([_embedding_text(Chunk(text, page, section)) for _, page, section, text in rows], progress)
+        vectors = self._embed(
+            [_embedding_text(Chunk(text, page, section)) for _, page, section, text in rows], progress
+        )
         with self._transaction():
             self._connection.executemany(
                 "UPDATE chunks SET vector = ? WHERE id = ?",
