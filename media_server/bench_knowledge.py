@@ -58,6 +58,7 @@ def run(settings: Settings) -> dict[str, object]:
         latencies_ms: list[float] = []
         best_relevance: list[float] = []
         answered = 0
+        embedder.warm_up()
         base.search("warm-up question", TOP)
         for set_name, questions in question_sets.items():
             hits = dict.fromkeys(MODES, 0)

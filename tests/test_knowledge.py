@@ -182,6 +182,13 @@ def test_our_bert_forward_pass_matches_sentence_transformers(monkeypatch: pytest
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
 
+def test_a_sentence_transformers_folder_can_be_the_model(minilm: Embedder) -> None:
+    by_path = embedder_for(str(minilm_dir()), relevance_threshold=0.5)
+    assert by_path.model_id.startswith("model@53aa51172d142c89") and by_path.relevance_threshold == 0.5
+    texts = ["Where can visitors park?", "Passwords expire every 180 days."]
+    assert np.allclose(by_path.embed(texts), minilm.embed(texts), atol=1e-6)
+
+
 def test_an_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(KnowledgeError, match="neither 'embedded-minilm'"):
         embedder_for(str(tmp_path / "missing"))

@@ -23,6 +23,10 @@ from tokenizers import Tokenizer
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 WEIGHT_PREFIXES = ("", "bert.", "0.auto_model.")
 BATCH_SIZE = 32
+# Inputs are padded (and masked) to a multiple of this many tokens: each new input length costs the
+# CPU kernels a slow first run, so fewer lengths means a warm-up covers every question.
+LENGTH_STEP = 8
+WARM_UP_TOKENS = 64  # questions are shorter than this
 
 
 class BertModelError(ValueError):
@@ -129,8 +133,14 @@ class BertEncoder:
             vectors[batch] = self._forward([encodings[index] for index in batch]).numpy()
         return vectors
 
+    def warm_up(self) -> None:
+        """Run every padded length a question can have once, so that no visitor's question pays for a first run."""
+        for words in range(1, WARM_UP_TOKENS, LENGTH_STEP):
+            self.encode([" ".join(["word"] * words)])
+
     def _forward(self, encodings: list) -> torch.Tensor:
-        length = max(len(encoding.ids) for encoding in encodings)
+        longest = max(len(encoding.ids) for encoding in encodings)
+        length = min(-(-longest // LENGTH_STEP) * LENGTH_STEP, self.config.max_tokens)
         ids = torch.zeros((len(encodings), length), dtype=torch.long)
         types = torch.zeros_like(ids)
         mask = torch.zeros((len(encodings), length), dtype=torch.bool)

