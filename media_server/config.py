@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from engines import PROJECT_ROOT
 
@@ -166,6 +166,32 @@ class DeadlineSettings(Strict):
     lipsync_s: float = Field(10.0, gt=0)  # to render one piece of speech
 
 
+class KnowledgeSettings(Strict):
+    """Knowledge bases: documents the avatar answers from (engines/knowledge), one SQLite file per base in ``dir``."""
+
+    dir: Path = Field(Path("~/.local/share/facecast/knowledge"), validate_default=True)
+    # "embedded-minilm" (English), "embedded-multilingual" (16 languages), or a sentence-transformers BERT folder.
+    model: str = "embedded-minilm"
+    max_file_mb: float = Field(50, gt=0)
+    chunk_words: int = Field(60, ge=20, le=180)  # all-MiniLM-L6-v2 reads at most 256 word pieces
+    overlap_words: int = Field(15, ge=0)
+    top_k: int = Field(3, ge=1, le=20)
+    max_prompt_tokens: int = Field(600, ge=50)
+    # Passages less similar to the question than this are no source; unset: the model's own threshold.
+    min_relevance: float | None = Field(None, ge=-1, le=1)
+
+    @field_validator("dir")
+    @classmethod
+    def _home(cls, folder: Path) -> Path:
+        return folder.expanduser()
+
+    @model_validator(mode="after")
+    def _overlap_below_length(self) -> KnowledgeSettings:
+        if self.overlap_words >= self.chunk_words:
+            raise ValueError("overlap_words must be smaller than chunk_words")
+        return self
+
+
 class StageSettings(BaseModel):
     """``engine`` names the implementation; every other key is that engine's own option."""
 
@@ -202,6 +228,7 @@ class Settings(Strict):
     memory: MemorySettings = MemorySettings()
     echo: EchoSettings = EchoSettings()
     deadlines: DeadlineSettings = DeadlineSettings()
+    knowledge: KnowledgeSettings = KnowledgeSettings()
     vad: StageSettings
     asr: StageSettings
     llm: StageSettings
