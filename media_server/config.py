@@ -164,6 +164,7 @@ class DeadlineSettings(Strict):
     llm_next_token_s: float = Field(10.0, gt=0)
     tts_s: float = Field(10.0, gt=0)  # to a sentence's first audio, and between its pieces
     lipsync_s: float = Field(10.0, gt=0)  # to render one piece of speech
+    knowledge_s: float = Field(3.0, gt=0)  # to retrieve the passages a question needs
 
 
 class KnowledgeSettings(Strict):
@@ -203,11 +204,24 @@ class StageSettings(BaseModel):
         return dict(self.model_extra or {})
 
 
+# A BCP-47 language tag as personas use them: "de", "en-US", "pt-BR", "zh-Hans".
+LANGUAGE_TAG_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
+
+
 class PersonaSettings(Strict):
     display_name: str
-    system_prompt: str
+    system_prompt: str  # in the persona's language, like its examples
     examples: list[tuple[str, str]] = []
-    voice: str | None = None
+    voice: str | None = None  # unset: the TTS engine's voice for the language, else its default voice
+    language: Annotated[str, StringConstraints(pattern=LANGUAGE_TAG_PATTERN)] = "en"
+    # Each utterance's language is detected (a learner switching languages) and sent with its transcript.
+    detect_language: bool = False
+    greeting: str | None = None  # said when a session's events channel opens
+    not_heard: str | None = None  # said when speech was heard but no words were recognised; unset: nothing
+    # Besides the built-in ones of its language: the avatar repeats its last reply more slowly.
+    slower_phrases: list[str] = []
+    # The knowledge bases it answers from; unset: "default" when it exists; []: none.
+    knowledge: list[str] | None = None
 
 
 class ModelDownload(Strict):

@@ -10,8 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engines", "media_server")
-# What the server's layers may use of the engines: their interfaces, the registry, avatars, audio helpers.
-ENGINE_INTERFACES = {"engines", "engines.base", "engines.registry", "engines.avatar", "engines.audio"}
+# What the server's layers may use of the engines: their interfaces, the registry, avatars, audio helpers,
+# and the knowledge bases' library.
+ENGINE_INTERFACES = {"engines", "engines.base", "engines.registry", "engines.avatar", "engines.audio", "engines.knowledge"}
 # Each layer may import the layers after it, never those before it.
 SERVER_LAYERS = ("media_server.http", "media_server.sessions", "media_server.conversation", "media_server.media")
 LIVE_SERVER = (*SERVER_LAYERS, "media_server.runtime", "media_server.config", "media_server.metrics", "media_server.threads")

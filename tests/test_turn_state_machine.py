@@ -106,7 +106,7 @@ async def test_a_typed_turn_goes_thinking_speaking_listening_with_every_event_in
     await s.until(s.has("reply:final"))
     assert s.types() == ["transcript:typed", "state:thinking", "reply:delta", "reply:delta", "reply:delta", "reply:final"]
     await s.until(s.has("state:listening"), ticking=True)
-    assert s.types()[6:] == ["state:speaking", "metrics:latency", "metrics:gap", "state:listening"]
+    assert s.types()[6:] == ["state:speaking", "metrics:latency", "spoken", "metrics:gap", "state:listening"]
     latency = next(e for e in s.events if e["type"] == "metrics" and "latency_ms" in e)["latency_ms"]
     assert list(latency) == ["first_token", "first_clause", "first_tts_audio", "first_lipsync_frame", "first_audio_sent"]
     assert (await turn.outcome).text == "The capital of France is Paris."
@@ -121,7 +121,8 @@ async def test_said_text_is_spoken_as_it_is_without_the_llm(scripted) -> None:
     s.conversation.say("Welcome to the stream!")
     await s.until(s.has("state:listening"), ticking=True)
     assert s.types() == [
-        "state:thinking", "reply:delta", "reply:final", "state:speaking", "metrics:latency", "metrics:gap", "state:listening"
+        "state:thinking", "reply:delta", "reply:final", "state:speaking", "metrics:latency", "spoken", "metrics:gap",
+        "state:listening",
     ]
     assert s.llm.asked == [] and s.tts.spoken[0][0] == "Welcome to the stream!"
 

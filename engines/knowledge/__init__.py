@@ -13,8 +13,8 @@ Everything here runs offline; errors a user can act on are KnowledgeError (Docum
 from engines.knowledge.embedders import EMBEDDED_MINILM, EMBEDDED_MULTILINGUAL, Embedder, embedder_for
 from engines.knowledge.errors import DocumentError, KnowledgeError, ModelMismatchError
 from engines.knowledge.extract import SUPPORTED, DocumentBytes
-from engines.knowledge.library import DEFAULT_BASE, KnowledgeLibrary
-from engines.knowledge.passages import Passage, estimate_tokens, prompt_block
+from engines.knowledge.library import DEFAULT_BASE, KnowledgeLibrary, check_name
+from engines.knowledge.passages import Passage, estimate_tokens, prompt_block, prompt_entries
 from engines.knowledge.store import DocumentInfo, IngestReport, KnowledgeBase, KnowledgeOptions
 
 __all__ = [
@@ -33,7 +33,9 @@ __all__ = [
     "KnowledgeOptions",
     "ModelMismatchError",
     "Passage",
+    "check_name",
     "embedder_for",
     "estimate_tokens",
     "prompt_block",
+    "prompt_entries",
 ]

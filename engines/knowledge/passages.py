@@ -35,26 +35,39 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
 
-def prompt_block(
+def prompt_entries(
     passages: Sequence[Passage], max_tokens: int, count_tokens: Callable[[str], int] = estimate_tokens
-) -> str:
-    """The passages, best first, numbered with their sources, as many as fit in ``max_tokens``.
-
-    Pass the LLM's own token counter as ``count_tokens`` for an exact budget. A first passage that
-    alone is over the budget is cut, at a word, to fit; "" when there is nothing to cite.
-    """
-    entries: list[str] = []
+) -> list[tuple[Passage, str]]:
+    """(passage, its entry: rank number, source and text) for as many of the best passages as fit in
+    ``max_tokens``, best first. A first passage that alone is over the budget is cut, at a word, to fit."""
+    entries: list[tuple[Passage, str]] = []
     used = 0
     for number, passage in enumerate(passages, start=1):
         entry = f"[{number}] {passage.source}\n{passage.text}"
         cost = count_tokens(entry) + (count_tokens("\n\n") if entries else 0)
         if used + cost > max_tokens:
-            if not entries:
-                entries.append(_cut_to_budget(entry, max_tokens, count_tokens))
+            if not entries and (cut := _cut_to_budget(entry, max_tokens, count_tokens)):
+                entries.append((passage, cut))
             break
-        entries.append(entry)
+        entries.append((passage, entry))
         used += cost
-    return "\n\n".join(entry for entry in entries if entry)
+    return entries
+
+
+def prompt_block(
+    passages: Sequence[Passage],
+    max_tokens: int,
+    count_tokens: Callable[[str], int] = estimate_tokens,
+    *,
+    best_last: bool = False,
+) -> str:
+    """The passages that fit in ``max_tokens`` (``prompt_entries``) as one text: best first, or with
+    ``best_last`` best last (nearest the question after them: small models answer most readily from
+    what they read last). Pass the LLM's own token counter as ``count_tokens`` for an exact budget;
+    "" when there is nothing to cite.
+    """
+    entries = [entry for _, entry in prompt_entries(passages, max_tokens, count_tokens)]
+    return "\n\n".join(reversed(entries) if best_last else entries)
 
 
 def _cut_to_budget(entry: str, max_tokens: int, count_tokens: Callable[[str], int]) -> str:

@@ -15,30 +15,10 @@ from datetime import datetime
 from pathlib import Path
 
 from engines.embedded_models import ModelIntegrityError, ModelNotInstalledError
-from engines.knowledge import (
-    SUPPORTED,
-    KnowledgeError,
-    KnowledgeLibrary,
-    KnowledgeOptions,
-    ModelMismatchError,
-    embedder_for,
-)
+from engines.knowledge import SUPPORTED, KnowledgeError, ModelMismatchError
 from media_server.cli.avatars import Progress
 from media_server.config import KnowledgeSettings, Settings
-
-
-def knowledge_options(settings: KnowledgeSettings) -> KnowledgeOptions:
-    return KnowledgeOptions(
-        chunk_words=settings.chunk_words,
-        overlap_words=settings.overlap_words,
-        max_file_bytes=int(settings.max_file_mb * 2**20),
-    )
-
-
-def open_library(settings: KnowledgeSettings, *, with_model: bool = True) -> KnowledgeLibrary:
-    """The library of ``knowledge.dir``; ``with_model`` loads the embedding model (needed to add and search)."""
-    embedder = embedder_for(settings.model, settings.min_relevance) if with_model else None
-    return KnowledgeLibrary(settings.dir, embedder, knowledge_options(settings))
+from media_server.conversation.knowledge import open_library
 
 
 class _EmbeddingProgress:

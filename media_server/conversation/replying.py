@@ -54,10 +54,14 @@ class Replier:
         self.deadlines = deadlines
         self._send = send
 
-    def llm_deltas(self, turn: Turn, persona: Persona, history: list[ChatMessage]) -> AsyncIterator[str]:
-        """The LLM's reply to the last message of ``history`` as deltas, within its deadlines."""
+    def llm_deltas(
+        self, turn: Turn, persona: Persona, history: list[ChatMessage], context: str = ""
+    ) -> AsyncIterator[str]:
+        """The LLM's reply to the last message of ``history`` (from ``context``'s passages, if any) as
+        deltas, within its deadlines."""
         deltas = iterate_in_thread(
-            lambda cancelled: self.llm.stream_reply(persona, history, cancelled.is_set), running=turn.llm_may_run
+            lambda cancelled: self.llm.stream_reply(persona, history, cancelled.is_set, context),
+            running=turn.llm_may_run,
         )
         first = (self.deadlines.llm_first_token_s, "llm_first_token_s")
         following = (self.deadlines.llm_next_token_s, "llm_next_token_s")
@@ -115,7 +119,9 @@ class Replier:
                 if trim_pending:
                     audio, phonemes = from_onset(audio, phonemes, rate)
                     trim_pending = False
-                await within(self.output.speak(turn.id, audio, phonemes), self.deadlines.lipsync_s, "lipsync", "lipsync_s")
+                caption = chunk.text if chunk.starts_sentence else ""
+                speaking = self.output.speak(turn.id, audio, phonemes, caption)
+                await within(speaking, self.deadlines.lipsync_s, "lipsync", "lipsync_s")
             # Only once the whole chunk is synthesised: its first audio is out sooner, but the LLM
             # resuming then would take the cores from the rest of it.
             turn.llm_may_run.set()

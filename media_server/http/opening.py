@@ -58,6 +58,7 @@ async def session_setup(app: web.Application, chosen: Choices) -> SessionSetup:
         avatar=avatar,
         persona=runtime.personas[chosen.persona],
         voice=chosen.voice,
+        knowledge=runtime.knowledge,
     )
 
 

@@ -56,6 +56,7 @@ class TalkSession(MediaSession):
         channel.on("message", self._on_message)
         self.send_event(SessionInfo(self.id, **self.setup.names()))
         self.send_event(StateChanged(self.conversation.state))
+        self.conversation.greet()
 
     def _on_message(self, raw: object) -> None:
         """Whatever arrives, the answer is an event or nothing: no message can break the session."""

@@ -9,6 +9,8 @@ from engines.base import EngineSet, Persona
 from media_server.config import Settings
 from media_server.conversation.conversation import Conversation
 from media_server.conversation.events import Event
+from media_server.conversation.knowledge import Retriever
+from media_server.conversation.persona import PersonaProfile
 from media_server.media.timeline import AvatarOutput
 from media_server.metrics import ServerMetrics
 
@@ -37,9 +39,15 @@ class BareConversation:
 
 
 def bare_conversation(
-    settings: Settings, engines: EngineSet, avatar: Avatar, persona: Persona, voice: str
+    settings: Settings,
+    engines: EngineSet,
+    avatar: Avatar,
+    persona: Persona | PersonaProfile,
+    voice: str,
+    knowledge: Retriever | None = None,
 ) -> BareConversation:
-    """A conversation whose events are kept as the JSON objects a client would receive."""
+    """A conversation whose events are kept as the JSON objects a client would receive (a bare Persona
+    gets a profile with nothing around it: no greeting, no knowledge bases)."""
     output = AvatarOutput(engines.lipsync, avatar, settings.media, "test")
     events: list[dict[str, object]] = []
 
@@ -49,10 +57,11 @@ def bare_conversation(
     conversation = Conversation(
         engines=engines,
         settings=settings,
-        persona=persona,
+        persona=persona if isinstance(persona, PersonaProfile) else PersonaProfile(persona, knowledge=()),
         voice=voice,
         output=output,
         metrics=ServerMetrics(),
         emit=keep,
+        knowledge=knowledge,
     )
     return BareConversation(conversation, output, events)

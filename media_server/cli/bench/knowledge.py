@@ -23,7 +23,7 @@ from pathlib import Path
 from engines.knowledge import KnowledgeBase, Passage, embedder_for
 from media_server.cli.bench.output import print_summary
 from media_server.config import Settings
-from media_server.cli.knowledge import knowledge_options
+from media_server.conversation.knowledge import knowledge_options
 from media_server.testing.knowledge_corpus import POLICIES, PlacedFact, write_handbook
 from media_server.testing.speech_corpus import QUESTIONS
 
