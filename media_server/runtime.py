@@ -101,14 +101,13 @@ def load_knowledge(settings: Settings, profiles: dict[str, PersonaProfile]) -> K
     knowledge = Knowledge(settings.knowledge)
     existing = set(knowledge.names())
     for profile in profiles.values():
-        missing = [base for base in profile.knowledge or () if base not in existing]
-        if missing:
+        if missing := [base for base in profile.knowledge or () if base not in existing]:
             log.warning(
                 "persona %r answers from knowledge bases that do not exist yet: %s (facecast knowledge add NAME FILE)",
                 profile.name,
                 ", ".join(missing),
             )
-    if any(knowledge.bases_for(profile.knowledge) for profile in profiles.values()):
+    if any(base in existing for profile in profiles.values() for base in profile.knowledge_bases):
         log.info("loading the knowledge bases' embedding model %r", settings.knowledge.model)
         knowledge.library()
     return knowledge

@@ -11,8 +11,14 @@ Everything here runs offline; errors a user can act on are KnowledgeError (Docum
 """
 
 from engines.knowledge.embedders import EMBEDDED_MINILM, EMBEDDED_MULTILINGUAL, Embedder, embedder_for
-from engines.knowledge.errors import DocumentError, KnowledgeError, ModelMismatchError
-from engines.knowledge.extract import SUPPORTED, DocumentBytes
+from engines.knowledge.errors import (
+    DocumentError,
+    DocumentTooLargeError,
+    KnowledgeError,
+    ModelMismatchError,
+    UnsupportedDocumentError,
+)
+from engines.knowledge.extract import SUPPORTED, DocumentBytes, check_document
 from engines.knowledge.library import DEFAULT_BASE, KnowledgeLibrary, check_name
 from engines.knowledge.passages import Passage, estimate_tokens, prompt_block, prompt_entries
 from engines.knowledge.store import DocumentInfo, IngestReport, KnowledgeBase, KnowledgeOptions
@@ -25,6 +31,7 @@ __all__ = [
     "DocumentBytes",
     "DocumentError",
     "DocumentInfo",
+    "DocumentTooLargeError",
     "Embedder",
     "IngestReport",
     "KnowledgeBase",
@@ -33,6 +40,8 @@ __all__ = [
     "KnowledgeOptions",
     "ModelMismatchError",
     "Passage",
+    "UnsupportedDocumentError",
+    "check_document",
     "check_name",
     "embedder_for",
     "estimate_tokens",

@@ -25,6 +25,8 @@ import numpy as np
 
 from engines.embedded_models import (
     MINILM_SHA256,
+    ModelIntegrityError,
+    ModelNotInstalledError,
     USE_MULTILINGUAL_SHA256,
     minilm_dir,
     sha256_of,
@@ -90,7 +92,18 @@ class UniversalSentenceEncoder(Embedder):
 
 
 def embedder_for(model: str, relevance_threshold: float | None = None) -> Embedder:
-    """The embedder ``knowledge.model`` names; ``relevance_threshold`` overrides the model's own."""
+    """The embedder ``knowledge.model`` names; ``relevance_threshold`` overrides the model's own.
+    KnowledgeError when it is not installed, or its weights are not the pinned ones."""
+    try:
+        embedder = _embedder(model)
+    except (ModelNotInstalledError, ModelIntegrityError) as error:
+        raise KnowledgeError(f"knowledge.model {model!r} cannot be loaded: {error}") from error
+    if relevance_threshold is not None:
+        embedder.relevance_threshold = relevance_threshold
+    return embedder
+
+
+def _embedder(model: str) -> Embedder:
     if model == EMBEDDED_MINILM:
         embedder: Embedder = BertEmbedder(minilm_dir(), "all-MiniLM-L6-v2", MINILM_SHA256, MINILM_RELEVANCE)
     elif model == EMBEDDED_MULTILINGUAL:
@@ -108,6 +121,4 @@ def embedder_for(model: str, relevance_threshold: float | None = None) -> Embedd
             embedder = BertEmbedder(folder, folder.name, sha256_of(weights_file(folder)), MINILM_RELEVANCE)
         except BertModelError as error:
             raise KnowledgeError(f"knowledge.model: {error}") from error
-    if relevance_threshold is not None:
-        embedder.relevance_threshold = relevance_threshold
     return embedder

@@ -13,3 +13,11 @@ class DocumentError(KnowledgeError):
 
 class ModelMismatchError(KnowledgeError):
     """A knowledge base was built with another embedding model than the one in use."""
+
+
+class UnsupportedDocumentError(DocumentError):
+    """A document of a type that cannot be indexed."""
+
+
+class DocumentTooLargeError(DocumentError):
+    """A document over the size limit (knowledge.max_file_mb)."""

@@ -19,7 +19,7 @@ from pypdf import PdfReader
 from pypdf.errors import PyPdfError
 
 from engines.embedded_models import sha256_of
-from engines.knowledge.errors import DocumentError
+from engines.knowledge.errors import DocumentError, DocumentTooLargeError, UnsupportedDocumentError
 
 KINDS = {
     ".pdf": "pdf",
@@ -62,16 +62,15 @@ class ExtractedDocument:
 
 def read_source(source: Path | DocumentBytes, max_bytes: int) -> DocumentBytes:
     """The document's name and bytes, refusing an unsupported type or an oversized file before reading it."""
-    name = source.name if isinstance(source, DocumentBytes) else Path(source).name
-    _kind_of(name)
     if isinstance(source, DocumentBytes):
-        _check_size(name, len(source.data), max_bytes)
+        check_document(source.name, len(source.data), max_bytes)
         return source
     path = Path(source)
+    _kind_of(path.name)
     if not path.is_file():
         raise DocumentError(f"{path} does not exist or is not a file")
-    _check_size(name, path.stat().st_size, max_bytes)
-    return DocumentBytes(name, path.read_bytes())
+    check_document(path.name, path.stat().st_size, max_bytes)
+    return DocumentBytes(path.name, path.read_bytes())
 
 
 def extract(document: DocumentBytes) -> ExtractedDocument:
@@ -95,17 +94,24 @@ def extract(document: DocumentBytes) -> ExtractedDocument:
     )
 
 
+def check_document(name: str, size: int, max_bytes: int) -> None:
+    """Refuse a document by its name and size alone (before it is read, or while it is received):
+    UnsupportedDocumentError for a type that cannot be indexed, DocumentTooLargeError over ``max_bytes``."""
+    _kind_of(name)
+    _check_size(name, size, max_bytes)
+
+
 def _kind_of(name: str) -> str:
     suffix = Path(name).suffix.lower()
     kind = KINDS.get(suffix)
     if kind is None:
-        raise DocumentError(f"{name}: unsupported file type {suffix or '(none)'!r}; supported: {SUPPORTED}")
+        raise UnsupportedDocumentError(f"{name}: unsupported file type {suffix or '(none)'!r}; supported: {SUPPORTED}")
     return kind
 
 
 def _check_size(name: str, size: int, max_bytes: int) -> None:
     if size > max_bytes:
-        raise DocumentError(
+        raise DocumentTooLargeError(
             f"{name} is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB (knowledge.max_file_mb): "
             "split the document or raise the limit"
         )

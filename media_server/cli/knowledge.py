@@ -14,7 +14,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from engines.embedded_models import ModelIntegrityError, ModelNotInstalledError
 from engines.knowledge import SUPPORTED, KnowledgeError, ModelMismatchError
 from media_server.cli.avatars import Progress
 from media_server.config import KnowledgeSettings, Settings
@@ -144,6 +143,6 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
     except ModelMismatchError as error:
         print(f"facecast: knowledge: {error} (facecast knowledge rebuild {args.name})", file=sys.stderr)
         raise SystemExit(2) from None
-    except (KnowledgeError, ModelNotInstalledError, ModelIntegrityError) as error:
+    except KnowledgeError as error:
         print(f"facecast: knowledge {args.knowledge_command}: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -278,7 +278,7 @@ class Conversation:
     async def _context(self, turn: Turn, question: str) -> str:
         """The passages of the persona's knowledge bases that answer ``question``, as the LLM's context
         ("" when there are none); the sources event names those given to the LLM."""
-        if self.knowledge is None or not (bases := self.knowledge.bases_for(self.profile.knowledge)):
+        if self.knowledge is None or not (bases := self.knowledge.existing(self.profile.knowledge_bases)):
             return ""
         searching = asyncio.to_thread(self.knowledge.search, bases, question)
         passages = await within(searching, self.settings.deadlines.knowledge_s, "knowledge", "knowledge_s")

@@ -2,8 +2,8 @@
 embedding model loaded once, at start-up when a persona answers from a base that exists, else with the
 first document added to one.
 
-A persona answers only from the bases it names (``knowledge = [...]``), or, naming none, from
-``default`` when it exists; a base it was not given is never searched for it.
+A persona answers only from its bases (``PersonaProfile.knowledge_bases``); a base it was not given
+is never searched for it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Protocol
 
 from engines.knowledge import (
-    DEFAULT_BASE,
     DocumentBytes,
     DocumentInfo,
     IngestReport,
@@ -53,8 +52,8 @@ def prompt_context(passages: Sequence[Passage], settings: KnowledgeSettings) -> 
 class Retriever(Protocol):
     """What a conversation asks of the knowledge bases."""
 
-    def bases_for(self, named: Sequence[str] | None) -> list[str]:
-        """The bases a persona answers from that exist now (``named`` None: ``default``, if it exists)."""
+    def existing(self, bases: Sequence[str]) -> list[str]:
+        """Those of ``bases`` that exist now (one may be added at any time: by an upload, or by the CLI)."""
 
     def search(self, bases: Sequence[str], question: str) -> list[Passage]:
         """The passages of ``bases`` relevant to ``question``, best first (blocking: run it in a thread)."""
@@ -82,9 +81,9 @@ class Knowledge:
         """The bases that exist now (one may be added at any time: by an upload, or by the CLI)."""
         return KnowledgeLibrary(self.settings.dir).names()
 
-    def bases_for(self, named: Sequence[str] | None) -> list[str]:
-        existing = set(self.names())
-        return [name for name in (named if named is not None else (DEFAULT_BASE,)) if name in existing]
+    def existing(self, bases: Sequence[str]) -> list[str]:
+        names = set(self.names())
+        return [name for name in bases if name in names]
 
     def search(self, bases: Sequence[str], question: str) -> list[Passage]:
         return self.library().search(bases, question, self.settings.top_k)

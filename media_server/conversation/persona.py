@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from engines.base import DETECT_LANGUAGE, Persona, primary_language
+from engines.knowledge import DEFAULT_BASE
 
 # How a learner asks to hear the last reply again, more slowly, by language (lower case, without
 # punctuation); a persona's ``slower_phrases`` add to these.
@@ -51,6 +52,11 @@ class PersonaProfile:
     @property
     def language(self) -> str:
         return self.persona.language
+
+    @property
+    def knowledge_bases(self) -> tuple[str, ...]:
+        """The bases it answers from, whether they exist yet or not."""
+        return self.knowledge if self.knowledge is not None else (DEFAULT_BASE,)
 
     @property
     def asr_language(self) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from media_server.http import broadcasts, info, talk, whep
+from media_server.http import broadcasts, info, knowledge, talk, whep
 from media_server.http.access import Access, access_middleware
 from media_server.http.errors import ApiError, Handler, errors_as_json
 from media_server.http.limits import OfferLimiter
@@ -47,6 +47,11 @@ ROUTES = (
     Route("POST", "/api/sessions/{session_id}/interrupt", broadcasts.interrupt, Access.CONTROL),
     Route("POST", "/api/sessions/{session_id}/rtmp", broadcasts.start_rtmp, Access.CONTROL),
     Route("DELETE", "/api/sessions/{session_id}/rtmp", broadcasts.stop_rtmp, Access.CONTROL),
+    # Documents the personas answer from: the talk page's upload, and OPEA-compatible data prep.
+    Route("POST", "/api/knowledge/{base}/documents", knowledge.upload, Access.CONTROL),
+    Route("POST", "/v1/dataprep/ingest", knowledge.dataprep_ingest, Access.CONTROL),
+    Route("POST", "/v1/dataprep/get", knowledge.dataprep_get, Access.CONTROL),
+    Route("POST", "/v1/dataprep/delete", knowledge.dataprep_delete, Access.CONTROL),
     # Watching a broadcast.
     Route("POST", "/whep", whep.offer, Access.CLIENT),
     Route("POST", "/whep/{session_id}", whep.offer, Access.CLIENT),

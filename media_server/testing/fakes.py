@@ -30,7 +30,7 @@ from engines.base import (
     VADStream,
     mono_samples,
 )
-from engines.knowledge import DEFAULT_BASE, Passage
+from engines.knowledge import Passage
 
 FRAME_SIZE = (64, 48)  # width, height of the numbered frames
 
@@ -131,8 +131,8 @@ class ScriptedKnowledge:
         self.bases = bases
         self.searched: list[tuple[tuple[str, ...], str]] = []
 
-    def bases_for(self, named: Sequence[str] | None) -> list[str]:
-        return [name for name in (named if named is not None else (DEFAULT_BASE,)) if name in self.bases]
+    def existing(self, bases: Sequence[str]) -> list[str]:
+        return [name for name in bases if name in self.bases]
 
     def search(self, bases: Sequence[str], question: str) -> list[Passage]:
         self.searched.append((tuple(bases), question))
