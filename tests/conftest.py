@@ -20,17 +20,18 @@ MAX_TEST_SESSIONS = 3
 
 
 @pytest.fixture(scope="session")
-def runtime() -> Runtime:
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
     overrides = {
         "server.max_sessions": str(MAX_TEST_SESSIONS),
         "server.client_timeout_s": "4",
         "server.offers_per_minute": "0",  # every test connects from 127.0.0.1: the limit is tested on its own
         "tts.reply_timeout_s": "2",
+        "knowledge.dir": str(tmp_path_factory.mktemp("knowledge")),  # not the user's own knowledge bases
     }
     settings = load_settings(None, overrides, environ={})
     loaded = Runtime.load(settings)
     yield loaded
-    loaded.engines.close()
+    loaded.close()
 
 
 @dataclass

@@ -277,7 +277,9 @@ async def test_a_session_that_never_connects_frees_its_slot_within_the_connect_t
 
 async def test_a_hung_tts_worker_fails_one_turn_and_every_session_goes_on(client_factory, runtime) -> None:
     stuck, other = await client_factory(), await client_factory()
-    [worker] = runtime.engines.tts.worker_pids
+    tts = runtime.engines.tts
+    voice = tts.engine_for(tts.default_voice)  # the engine speaking the default voice, in its worker process
+    [worker] = voice.worker_pids
     os.kill(worker, signal.SIGSTOP)
     try:
         asked = time.monotonic()
@@ -292,7 +294,7 @@ async def test_a_hung_tts_worker_fails_one_turn_and_every_session_goes_on(client
         sent = time.monotonic()
         client.send({"type": "say", "text": "Still here."})
         await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", 30, sent)
-    assert runtime.engines.tts.worker_pids != [worker]
+    assert voice.worker_pids != [worker]
 
 
 # --- 8. no outbound request by default ------------------------------------------------------------

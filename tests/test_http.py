@@ -109,7 +109,7 @@ async def test_health_and_prometheus_metrics(base_url, client_factory):
         async with http.get(base_url + "/healthz") as response:
             health = await response.json()
             assert response.status == 200 and health["status"] == "ok"
-            engines = {"vad": "silero", "asr": "faster-whisper", "llm": "llama-cpp", "tts": "piper", "lipsync": "warp"}
+            engines = {"vad": "silero", "asr": "faster-whisper", "llm": "llama-cpp", "tts": "combined", "lipsync": "warp"}
             assert health["engines"] == engines
         async with http.get(base_url + "/metrics") as response:
             text = await response.text()

@@ -13,8 +13,10 @@ import pytest_asyncio
 
 from engines.base import Persona
 from media_server.config import load_settings
+from media_server.conversation.persona import PersonaProfile
 from media_server.testing.fakes import (
     FixedASR,
+    ScriptedKnowledge,
     ScriptedLLM,
     ScriptedVAD,
     ToneTTS,
@@ -31,12 +33,20 @@ WINDOW = np.zeros(ScriptedVAD.window_samples, np.float32)
 class Scripted:
     """A bare conversation on scripted engines, with the test's hands on its microphone and its clock."""
 
-    def __init__(self, llm: ScriptedLLM | None = None, tts: ToneTTS | None = None, **changes: object) -> None:
-        self.vad, self.asr = ScriptedVAD(), FixedASR()
+    def __init__(
+        self,
+        llm: ScriptedLLM | None = None,
+        tts: ToneTTS | None = None,
+        asr: FixedASR | None = None,
+        persona: Persona | PersonaProfile = PERSONA,
+        knowledge: ScriptedKnowledge | None = None,
+        **changes: object,
+    ) -> None:
+        self.vad, self.asr = ScriptedVAD(), asr or FixedASR()
         self.llm, self.tts = llm or ScriptedLLM(), tts or ToneTTS()
         engines = scripted_engines(vad=self.vad, asr=self.asr, llm=self.llm, tts=self.tts)
         settings = settings_with(load_settings(None, {}, environ={}), **changes)
-        self.bare: BareConversation = bare_conversation(settings, engines, blank_avatar(), PERSONA, "tone")
+        self.bare: BareConversation = bare_conversation(settings, engines, blank_avatar(), persona, "tone", knowledge)
         self.conversation, self.output, self.events = self.bare.conversation, self.bare.output, self.bare.events
         self.pictures: list[int] = []
         self.output.add_frame_listener(self._seen)
