@@ -23,10 +23,10 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcsctptransport import WEBRTC_STRING
 
 from media_server.cli.main import _settings, build_parser
-from media_server.http.app import create_app
 from media_server.http.state import METRICS, SESSIONS
 from media_server.media.webrtc import rtc_configuration
 from media_server.runtime import Runtime
+from media_server.testing.harness import served
 from media_server.testing.loopback_client import LoopbackClient
 
 
@@ -60,16 +60,8 @@ async def server(runtime: Runtime, **overrides: object) -> AsyncIterator[tuple[s
     settings = runtime.settings.model_copy(
         update={"server": runtime.settings.server.model_copy(update=overrides)}
     )
-    app = create_app(dataclasses.replace(runtime, settings=settings))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", app
-    finally:
-        await app[SESSIONS].close_all()
-        await runner.cleanup()
+    async with served(dataclasses.replace(runtime, settings=settings)) as (base_url, app):
+        yield base_url, app
 
 
 # --- 1. capacity --------------------------------------------------------------------------------

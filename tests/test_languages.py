@@ -185,7 +185,11 @@ async def test_each_sentence_is_reported_when_its_first_frame_plays(scripted) ->
                 spoken_on.append(s.pictures[-1])
             await asyncio.sleep(0.002)
     sentences = [text for text, _ in s.tts.spoken]
-    assert [e["text"] for e in of_type(s, "spoken")] == sentences == ["The capital of France is Paris.", "It is a big city."]
+    assert (
+        [e["text"] for e in of_type(s, "spoken")]
+        == sentences
+        == ["The capital of France is Paris.", "It is a big city."]
+    )
     # Frame k of the reply shows its samples [k * spf, (k + 1) * spf): the second sentence starts on the frame
     # after the first sentence's audio (ToneTTS: 0.1 s a word, 6 words; 25 frames a second).
     assert spoken_on == [1, round(6 * 0.1 * 25) + 1]
@@ -204,7 +208,11 @@ async def test_passages_go_to_the_llm_and_their_sources_to_the_client_before_the
     assert "[1] handbook.pdf, page 2\nThe Zorblax QX-7731 coffee machine is in room 4.12." in s.llm.contexts[0]
     assert s.types().index("sources") < s.types().index("reply:delta")
     assert of_type(s, "sources") == [
-        {"type": "sources", "turn": 1, "sources": [{"document": "handbook.pdf", "location": "page 2", "snippet": PASSAGE.snippet}]}
+        {
+            "type": "sources",
+            "turn": 1,
+            "sources": [{"document": "handbook.pdf", "location": "page 2", "snippet": PASSAGE.snippet}],
+        }
     ]
 
 

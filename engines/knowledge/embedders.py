@@ -25,9 +25,9 @@ import numpy as np
 
 from engines.embedded_models import (
     MINILM_SHA256,
+    USE_MULTILINGUAL_SHA256,
     ModelIntegrityError,
     ModelNotInstalledError,
-    USE_MULTILINGUAL_SHA256,
     minilm_dir,
     sha256_of,
     use_multilingual_weights,

@@ -41,7 +41,9 @@ class CombinedTTS(TTSEngine):
 
     def __init__(self, settings: Settings) -> None:
         shared = dict(settings.model_extra or {})
-        fields = {part["engine"]: engine_class("tts", part["engine"]).Settings.model_fields for part in settings.engines}
+        fields = {
+            part["engine"]: engine_class("tts", part["engine"]).Settings.model_fields for part in settings.engines
+        }
         if unused := [key for key in shared if not any(key in known for known in fields.values())]:
             raise EngineConfigError(f"tts.{unused[0]}: none of the engines ({', '.join(fields)}) has this option")
         self._parts: list[tuple[str, TTSEngine]] = []

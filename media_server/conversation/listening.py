@@ -119,6 +119,7 @@ async def partial_transcripts(
         # Not in a pause either: it may be the end of the turn, and the final decode would queue behind this one.
         if skip() or listener.pausing() or listener.utterance_s < MIN_PARTIAL_SECONDS:
             continue
-        transcript = await asyncio.to_thread(asr.transcribe, listener.utterance_so_far(), partial=True, language=language)
+        audio = listener.utterance_so_far()
+        transcript = await asyncio.to_thread(asr.transcribe, audio, partial=True, language=language)
         if transcript.text:
             await on_partial(transcript.text)

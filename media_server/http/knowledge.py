@@ -187,4 +187,3 @@ def _document_refusal(error: DocumentError) -> ApiError:
 
 def _document_json(info: DocumentInfo) -> dict[str, object]:
     return {"name": info.name, "kind": info.kind, "pages": info.pages, "passages": info.passages}
-

@@ -1,8 +1,13 @@
-"""A conversation and its avatar output without a session or a peer: what the tests drive directly."""
+"""What the tests drive directly: a conversation and its avatar output without a session or a peer, and a
+runtime's server on a free port."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from aiohttp import web
 
 from engines.avatar import Avatar
 from engines.base import EngineSet, Persona
@@ -11,8 +16,11 @@ from media_server.conversation.conversation import Conversation
 from media_server.conversation.events import Event
 from media_server.conversation.knowledge import Retriever
 from media_server.conversation.persona import PersonaProfile
+from media_server.http.app import create_app
+from media_server.http.state import SESSIONS
 from media_server.media.timeline import AvatarOutput
 from media_server.metrics import ServerMetrics
+from media_server.runtime import Runtime
 
 SECTIONS = ("turn_taking", "reply", "memory", "echo", "deadlines", "media")
 
@@ -65,3 +73,18 @@ def bare_conversation(
         knowledge=knowledge,
     )
     return BareConversation(conversation, output, events)
+
+
+@contextlib.asynccontextmanager
+async def served(runtime: Runtime) -> AsyncIterator[tuple[str, web.Application]]:
+    """``runtime``'s server on a free port of this machine: (its base URL, its app); its sessions are closed after."""
+    app = create_app(runtime)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", app
+    finally:
+        await app[SESSIONS].close_all()
+        await runner.cleanup()
