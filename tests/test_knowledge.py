@@ -33,7 +33,7 @@ from engines.knowledge import (
 from engines.knowledge.bert import BertEncoder
 from engines.knowledge.chunking import chunk_text, split_sentences
 from engines.knowledge.extract import extract
-from media_server.cli import main as facecast
+from media_server.cli.main import main as facecast
 from media_server.testing.knowledge_corpus import pdf_bytes
 
 PDF_PAGES = [

@@ -94,11 +94,12 @@ def extract(document: DocumentBytes) -> ExtractedDocument:
     )
 
 
-def check_document(name: str, size: int, max_bytes: int) -> None:
-    """Refuse a document by its name and size alone (before it is read, or while it is received):
-    UnsupportedDocumentError for a type that cannot be indexed, DocumentTooLargeError over ``max_bytes``."""
+def check_document(name: str, size: int, max_bytes: int, *, received_so_far: bool = False) -> None:
+    """Refuse a document by its name and size alone, before it is read or, with ``received_so_far``, while it
+    is received (``size`` is then what has arrived): UnsupportedDocumentError for a type that cannot be
+    indexed, DocumentTooLargeError over ``max_bytes``."""
     _kind_of(name)
-    _check_size(name, size, max_bytes)
+    _check_size(name, size, max_bytes, received_so_far)
 
 
 def _kind_of(name: str) -> str:
@@ -109,12 +110,16 @@ def _kind_of(name: str) -> str:
     return kind
 
 
-def _check_size(name: str, size: int, max_bytes: int) -> None:
-    if size > max_bytes:
-        raise DocumentTooLargeError(
-            f"{name} is {size / 2**20:.1f} MB; the limit is {max_bytes / 2**20:g} MB (knowledge.max_file_mb): "
-            "split the document or raise the limit"
-        )
+def _check_size(name: str, size: int, max_bytes: int, received_so_far: bool = False) -> None:
+    if size <= max_bytes:
+        return
+    limit = f"{max_bytes / 2**20:g} MB"
+    size_and_limit = (
+        f"is over {limit}, the limit" if received_so_far else f"is {size / 2**20:.1f} MB; the limit is {limit}"
+    )
+    raise DocumentTooLargeError(
+        f"{name} {size_and_limit} (knowledge.max_file_mb): split the document or raise the limit"
+    )
 
 
 def _decode(name: str, data: bytes) -> str:

@@ -94,14 +94,12 @@ async def dataprep_delete(request: web.Request) -> web.Response:
     knowledge = request.app[RUNTIME].knowledge
     if base not in knowledge.names():
         raise ApiError(404, "not_found", f"there is no knowledge base {base!r}")
-    if name == ALL_FILES:
-        for info in await _in_thread(knowledge.documents, base):
-            await _in_thread(knowledge.remove, base, info.name)
-    else:
-        try:
-            await _in_thread(knowledge.remove, base, PurePath(name).name)
-        except KnowledgeError as error:
-            raise ApiError(404, "not_found", str(error)) from None
+    held = [info.name for info in await _in_thread(knowledge.documents, base)]
+    removed = held if name == ALL_FILES else [PurePath(name).name]
+    if not set(removed) <= set(held):
+        raise ApiError(404, "not_found", f"knowledge base {base!r} has no document {name!r}; it holds: {', '.join(held)}")
+    for document in removed:
+        await _in_thread(knowledge.remove, base, document)
     return web.json_response({"status": True})
 
 
@@ -150,7 +148,7 @@ async def _received_file(part: BodyPartReader, name: str, max_bytes: int) -> Doc
         data = bytearray()
         while chunk := await part.read_chunk():
             data += chunk
-            check_document(name, len(data), max_bytes)
+            check_document(name, len(data), max_bytes, received_so_far=True)
     except DocumentError as error:
         raise _document_refusal(error) from None
     return DocumentBytes(name, bytes(data))
