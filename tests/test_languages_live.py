@@ -180,6 +180,7 @@ async def test_answers_from_an_uploaded_pdf_name_their_source(expert) -> None:
         client.send({"type": "text", "text": "How many legs does a spider have?"})
         reply = await client.wait_for(final_reply, timeout=60, after=asked)
         assert not [e for e in client.events_of("sources") if e["turn"] == reply["turn"]], "nothing in it answers that"
+        await until_said(client, asked)
     finally:
         await client.close()
 
@@ -194,6 +195,7 @@ async def test_a_persona_given_no_base_never_cites_one(expert) -> None:
         client.send({"type": "text", "text": "What is the descaling code of the Zorblax QX-7731 coffee machine?"})
         await client.wait_for(final_reply, timeout=60, after=asked)
         assert client.events_of("sources") == []
+        await until_said(client, asked)
     finally:
         await client.close()
 
