@@ -82,7 +82,7 @@ async def test_a_vanished_client_is_cleaned_up_within_seconds(client_factory, se
 class BrokenLLM(LLMEngine):
     """Fault injection: an engine that fails, to show the failure stays inside its session."""
 
-    def stream_reply(self, persona, history, cancelled):
+    def stream_reply(self, persona, history, cancelled, context=""):
         raise RuntimeError("the model file is corrupt")
         yield ""  # pragma: no cover - makes this a generator
 

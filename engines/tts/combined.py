@@ -103,9 +103,15 @@ class CombinedTTS(TTSEngine):
             engine.warm_up()
 
     def describe(self) -> dict[str, object]:
+        """Every voice with what its engine tells of it, then each engine's own description."""
+        described = [(name, engine.describe()) for name, engine in self._parts]
+        voices: dict[str, object] = {}
+        for _, description in described:
+            voices.update(cast(dict[str, object], description.pop("voices", {})))
         return {
-            "engines": [{"engine": name, **engine.describe()} for name, engine in self._parts],
+            "voices": voices,
             "default_voice": self._default_voice,
+            "engines": [{"engine": name, **description} for name, description in described],
             "why": "tts.engine = 'combined': each voice is spoken by the engine that has it",
         }
 
