@@ -566,6 +566,10 @@ function chosenPersona() {
   return session?.persona ?? ui.persona.value ?? options.defaults.persona;
 }
 
+function counted(number, noun) {
+  return `${number} ${noun}${number === 1 ? "" : "s"}`;
+}
+
 function addUploadLine(text, kind = "") {
   addSystemLine(text, kind, "upload-status");
   return ui.chat.lastElementChild;
@@ -619,7 +623,7 @@ async function addDocuments(files) {
     }
   }
   if (status === 200 && body) {
-    const added = body.added.map((d) => `${d.name} (${d.pages ? `${d.pages} pages, ` : ""}${d.passages} passages)`);
+    const added = body.added.map((d) => `${d.name} (${d.pages ? `${counted(d.pages, "page")}, ` : ""}${counted(d.passages, "passage")})`);
     line.textContent = `Added to ${name}'s documents: ${added.join(", ")}`;
     line.classList.add("done");
     for (const warning of body.warnings) addUploadLine(warning, "interrupted");
