@@ -427,7 +427,7 @@ class KnowledgeBase:
         if built_with is not None and built_with != embedder.model_id:
             raise ModelMismatchError(
                 f"knowledge base {self.name!r} was built with the embedding model {built_with}, not {embedder.model_id} "
-                "(knowledge.model): rebuild it with this model, or set knowledge.model back"
+                "(knowledge.model); rebuild it with this model, or set knowledge.model back"
             )
 
     def _adopt_model(self, embedder: Embedder) -> None:
