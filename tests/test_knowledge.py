@@ -423,7 +423,7 @@ def test_a_base_refuses_another_embedding_model_until_rebuilt(
 ) -> None:
     KnowledgeBase.open(tmp_path / "kb.sqlite", minilm).add(documents[:1])
     other = KnowledgeBase.open(tmp_path / "kb.sqlite", multilingual)
-    with pytest.raises(ModelMismatchError, match="built with the embedding model all-MiniLM-L6-v2@.*: rebuild it"):
+    with pytest.raises(ModelMismatchError, match="built with the embedding model all-MiniLM-L6-v2@.*; rebuild it"):
         other.search("paid annual leave")
     with pytest.raises(ModelMismatchError):
         other.add(documents[1:2])
@@ -471,6 +471,9 @@ def test_the_knowledge_commands(tmp_path: Path, documents: list[Path], capfd: py
         facecast([*folder, "knowledge", "add", "handbook", str(tmp_path / "missing.pdf")])
     assert exited.value.code == 2
     assert "missing.pdf does not exist" in capfd.readouterr().err
+    with pytest.raises(SystemExit):
+        facecast([*folder, "--set", "knowledge.model=embedded-multilingual", "knowledge", "search", "handbook", "x"])
+    assert capfd.readouterr().err.endswith("run `facecast knowledge rebuild handbook`\n")
 
 
 def test_passages_carry_their_source(handbook: KnowledgeBase) -> None:

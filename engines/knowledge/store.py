@@ -129,6 +129,7 @@ class _VectorIndex:
     generation: int
     model: str | None  # the model that made the vectors; None while the base is empty
     ids: np.ndarray  # chunk ids, in the matrix's row order
+    rows: dict[int, int]  # chunk id: its row
     matrix: np.ndarray  # (passages, dimension) float32, unit rows
 
 
@@ -241,6 +242,7 @@ class KnowledgeBase:
         similarities = np.einsum("ij,j->i", index.matrix, embedder.embed([question])[0])
         candidates = max(MIN_CANDIDATES, k)
         text = self._text_ranking(question, candidates) if mode != "vector" else []
+        text = [(chunk_id, score) for chunk_id, score in text if chunk_id in index.rows]  # not added since loading
         vector = self._vector_ranking(index, similarities, candidates) if mode != "text" else []
         if mode == "fused":
             text = [(chunk_id, score) for chunk_id, score in text if score >= TEXT_KEEP * text[0][1]]
@@ -249,7 +251,7 @@ class KnowledgeBase:
         for ranking in (text, vector):
             for rank, (chunk_id, _) in enumerate(ranking):
                 scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (RRF_K + rank + 1)
-        relevance = dict(zip(scores, similarities[np.searchsorted(index.ids, list(scores))].tolist()))
+        relevance = {chunk_id: float(similarities[index.rows[chunk_id]]) for chunk_id in scores}
         threshold = embedder.relevance_threshold if min_relevance is None else min_relevance
         chosen = [chunk_id for chunk_id in sorted(scores, key=lambda c: -scores[c]) if relevance[chunk_id] >= threshold]
         return self._passages(chosen[:k], question, scores, relevance)
@@ -306,7 +308,8 @@ class KnowledgeBase:
                 ids = np.array([row[0] for row in rows], dtype=np.int64)
                 matrix = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32)
                 matrix = matrix.reshape(len(rows), len(rows[0][1]) // 4 if rows else 0)
-                self._index = _VectorIndex(generation, self._meta("model") if rows else None, ids, matrix)
+                model = self._meta("model") if rows else None
+                self._index = _VectorIndex(generation, model, ids, {int(i): n for n, i in enumerate(ids)}, matrix)
             return self._index
 
     # --- writing -----------------------------------------------------------
@@ -427,7 +430,7 @@ class KnowledgeBase:
         if built_with is not None and built_with != embedder.model_id:
             raise ModelMismatchError(
                 f"knowledge base {self.name!r} was built with the embedding model {built_with}, not {embedder.model_id} "
-                "(knowledge.model): rebuild it with this model, or set knowledge.model back"
+                "(knowledge.model); rebuild it with this model, or set knowledge.model back"
             )
 
     def _adopt_model(self, embedder: Embedder) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def _list(args: argparse.Namespace, settings: KnowledgeSettings) -> None:
         added = datetime.fromtimestamp(info.added_at).strftime("%Y-%m-%d %H:%M")
         pages = f"{info.pages} pages, " if info.pages else ""
         print(
-            f"{info.name}  ({info.kind}, {pages}{info.passages} passages, {info.size_bytes / 1024:.0f} KB, added {added})"
+            f"{info.name}  ({info.kind}, {pages}{info.passages} passages, {info.size_bytes / 1024:.1f} KB, added {added})"
         )
 
 
@@ -87,19 +86,14 @@ def _remove(args: argparse.Namespace, settings: KnowledgeSettings) -> None:
 
 
 def _search(args: argparse.Namespace, settings: KnowledgeSettings) -> None:
-    library = open_library(settings)
-    started = time.perf_counter()
-    passages = library.base(args.name).search(args.question, args.k or settings.top_k)
-    elapsed_ms = (time.perf_counter() - started) * 1000
+    passages = open_library(settings).base(args.name).search(args.question, args.k or settings.top_k)
     if args.json:
         print(json.dumps([{**vars(p), "location": p.location} for p in passages], indent=2, ensure_ascii=False))
         return
     if not passages:
-        print(f"no passage in {args.name!r} is relevant to the question ({elapsed_ms:.0f} ms)")
+        print(f"no passage in {args.name!r} is relevant to the question")
     for number, passage in enumerate(passages, start=1):
         print(f"[{number}] {passage.source}  (relevance {passage.relevance:.2f})\n    {passage.snippet}")
-    if passages:
-        print(f"({elapsed_ms:.0f} ms)")
 
 
 def _rebuild(args: argparse.Namespace, settings: KnowledgeSettings) -> None:
@@ -141,7 +135,7 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
     try:
         COMMANDS[args.knowledge_command](args, settings.knowledge)
     except ModelMismatchError as error:
-        print(f"facecast: knowledge: {error} (facecast knowledge rebuild {args.name})", file=sys.stderr)
+        print(f"facecast: knowledge: {error}: run `facecast knowledge rebuild {args.name}`", file=sys.stderr)
         raise SystemExit(2) from None
     except KnowledgeError as error:
         print(f"facecast: knowledge {args.knowledge_command}: {error}", file=sys.stderr)

@@ -14,6 +14,7 @@ that the handbook does not answer: the share of each left with a source.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import tempfile
@@ -87,6 +88,7 @@ def run(settings: Settings) -> dict[str, object]:
         "ingest_passages_per_s": round(passages / ingest_s, 1),
         "search_ms_p50": round(statistics.median(latencies_ms), 1),
         "search_ms_p95": round(_percentile(latencies_ms, 0.95), 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),  # how busy the cores were (this benchmark included)
         "relevance_threshold": embedder.relevance_threshold,
         "best_relevance_p50": {
             "answerable": round(statistics.median(best_relevance), 3),
