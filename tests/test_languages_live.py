@@ -18,7 +18,9 @@ import pytest
 import pytest_asyncio
 
 from engines.base import ChatMessage, EngineConfigError, Persona
+from engines.llm.context import CONTEXT_HEADER, question_with_context
 from engines.llm.llama_cpp import LlamaCppLLM
+from engines.llm.openai import chat_messages
 from engines.registry import create_engine
 from engines.tts.espeak.engine import EspeakTTS
 from engines.tts.piper.engine import PiperTTS, voice_languages
@@ -122,6 +124,19 @@ def test_only_other_languages_load_the_full_vocabulary_and_english_keeps_its_cop
         assert llm.model_for(english) is llm and llm.model_for(german) is full, "each loaded once, English unchanged"
     finally:
         llm.close()
+
+
+def test_passages_come_right_before_the_question_in_every_prompt_format(runtime: Runtime) -> None:
+    llm = runtime.engines.llm
+    persona = runtime.personas["assistant"].persona
+    history = [ChatMessage("user", "Hello!"), ChatMessage("assistant", "Hi!"), ChatMessage("user", "Where is it?")]
+    context = "[1] handbook.pdf, page 2\nThe machine is in room 4.12."
+    prompt = llm.build_prompt(persona, history, context)
+    assert prompt.endswith(f"Ava: Hi!\n{CONTEXT_HEADER}\n{context}\nUser: Where is it?\nAva:")
+    assert llm.build_prompt(persona, history) == prompt.replace(f"{CONTEXT_HEADER}\n{context}\n", "")
+    for messages in (llm.build_messages(persona, history, context), chat_messages(persona, history, 2048, context)):
+        assert messages[-1] == {"role": "user", "content": question_with_context("Where is it?", context)}
+        assert context in messages[-1]["content"] and messages[-2] == {"role": "assistant", "content": "Hi!"}
 
 
 # --- voices for every language ------------------------------------------------------------------------
