@@ -212,19 +212,19 @@ async def test_answers_from_an_uploaded_pdf_name_their_source(expert) -> None:
     await client.connect()  # the assistant: it names no base, so it answers from "default"
     try:
         asked = time.monotonic()
-        client.send({"type": "text", "text": "What is the descaling code of the Zorblax QX-7731 coffee machine?"})
+        client.send({"type": "text", "text": "Which room is the Zorblax coffee machine in?"})
         reply = await client.wait_for(final_reply, timeout=60, after=asked)
-        assert "5548" in reply["text"], reply["text"]
+        assert "4.12" in reply["text"], reply["text"]
         [sources] = [e for e in client.events_of("sources") if e["turn"] == reply["turn"]]
         assert sources["sources"][0]["document"] == "handbook.pdf" and sources["sources"][0]["location"] == "page 2"
         await until_said(client, asked)
 
         asked = time.monotonic()
-        client.microphone.say(*project_voice(runtime, "Which room is the Zorblax coffee machine in?"))
+        client.microphone.say(*project_voice(runtime, "What is the descaling code of the coffee machine?"))
         reply = await client.wait_for(final_reply, timeout=60, after=asked)
-        assert "4.12" in reply["text"] or "4 12" in reply["text"], reply["text"]
-        assert any(s["document"] == "handbook.pdf" for e in client.events_of("sources") if e["turn"] == reply["turn"]
-                   for s in e["sources"])  # fmt: skip
+        assert "5548" in reply["text"], reply["text"]
+        [sources] = [e for e in client.events_of("sources") if e["turn"] == reply["turn"]]
+        assert sources["sources"][0]["document"] == "handbook.pdf" and sources["sources"][0]["location"] == "page 2"
         await until_said(client, asked)
 
         asked = time.monotonic()
