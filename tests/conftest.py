@@ -27,11 +27,12 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Runtime:
         "server.client_timeout_s": "4",
         "server.offers_per_minute": "0",  # every test connects from 127.0.0.1: the limit is tested on its own
         "tts.reply_timeout_s": "2",
+        "knowledge.dir": str(tmp_path_factory.mktemp("knowledge")),  # not the user's own knowledge bases
     }
     settings = load_settings(None, overrides, environ={})
     loaded = Runtime.load(settings)
     yield loaded
-    loaded.engines.close()
+    loaded.close()
 
 
 @dataclass

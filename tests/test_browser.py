@@ -24,7 +24,8 @@ TURN_TIMEOUT_MS = 45_000
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = ServerProcess(tmp_path_factory.mktemp("server") / "serve.log")
+    knowledge = tmp_path_factory.mktemp("knowledge")  # documents dropped on the page go here
+    server = ServerProcess(tmp_path_factory.mktemp("server") / "serve.log", args=("--set", f"knowledge.dir={knowledge}"))
     server.start()
     try:
         yield server.base_url
@@ -144,3 +145,39 @@ async def test_typing_and_interrupting(page):
     await expect(page.get_by_test_id("state")).to_have_attribute("data-state", "listening", timeout=5_000)
     await expect(second_reply.locator(".msg-tag")).to_have_text("interrupted")
     assert page.problems.errors == []
+
+
+DROP_FILE = """([name, text]) => {
+  const files = new DataTransfer();
+  files.items.add(new File([text], name, { type: "text/plain" }));
+  const panel = document.querySelector('[data-testid="chat-panel"]');
+  panel.dispatchEvent(new DragEvent("dragenter", { dataTransfer: files, bubbles: true }));
+  panel.dispatchEvent(new DragEvent("drop", { dataTransfer: files, bubbles: true, cancelable: true }));
+}"""
+HANDBOOK = (
+    "# Facilities\n\n## Coffee\n\nThe Zorblax QX-7731 coffee machine is kept in room 4.12 on the fourth floor. "
+    "Its descaling code is 5548-TRQ, and only facilities staff may run the descaling.\n"
+)
+
+
+async def test_documents_dropped_on_the_chat_answer_questions_with_their_sources_and_sentences_show_as_spoken(page):
+    status = page.get_by_test_id("upload-status")
+    await page.evaluate(DROP_FILE, ["report.docx", "not a document"])
+    await expect(page.get_by_test_id("error")).to_contain_text("report.docx: only PDF, Markdown, text and HTML")
+    await page.evaluate(DROP_FILE, ["empty.md", ""])
+    await expect(status.last).to_have_text(re.compile("Not added: empty.md is empty"), timeout=TURN_TIMEOUT_MS)
+    await page.evaluate(DROP_FILE, ["handbook.md", HANDBOOK])
+    await expect(status.last).to_have_text(
+        re.compile(r"Added to Ava's documents: handbook.md \(1 passage\)"), timeout=TURN_TIMEOUT_MS
+    )
+
+    await page.get_by_test_id("text-input").fill("What is the descaling code of the Zorblax QX-7731 coffee machine?")
+    await page.get_by_test_id("send-button").click()
+    reply = page.get_by_test_id("avatar-message").first
+    await expect(reply.get_by_test_id("sources")).to_contain_text("handbook.md, Facilities > Coffee", timeout=TURN_TIMEOUT_MS)
+    # While it speaks, the sentence being said is marked; once it has spoken, all of the reply is said.
+    await expect(reply.locator(".msg-saying")).to_have_text(re.compile(r"\w"), timeout=TURN_TIMEOUT_MS)
+    await expect(page.get_by_test_id("state")).to_have_attribute("data-state", "listening", timeout=TURN_TIMEOUT_MS)
+    await expect(reply.locator(".msg-unsaid")).to_have_text("")
+    await expect(reply.locator(".msg-said")).to_have_text(re.compile("5548"))
+    assert [e for e in page.problems.errors if "status of 400" not in e] == []  # the empty document's refusal

@@ -200,7 +200,7 @@ def llm(request: pytest.FixtureRequest, runtime) -> LLMEngine:
 
 
 def test_the_llm_stops_when_cancelled(llm: LLMEngine, runtime) -> None:
-    persona = runtime.personas["assistant"]
+    persona = runtime.personas["assistant"].persona
     history = [ChatMessage("user", "Tell me a very long story about a knight.")]
     deltas, stop = [], False
     for delta in llm.stream_reply(persona, history, lambda: stop):

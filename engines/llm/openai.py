@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import Field
 
 from engines.base import ChatMessage, LLMEngine, Persona
+from engines.llm.context import question_with_context
 from engines.openai_compatible import Deadline, OpenAIClient, RemoteSettings, server_error_detail
 
 # A token is about four characters of English, and each message costs a few tokens of framing.
@@ -42,8 +43,9 @@ class OpenAILLM(LLMEngine):
         persona: Persona,
         history: list[ChatMessage],
         cancelled: Callable[[], bool],
+        context: str = "",
     ) -> Iterator[str]:
-        messages = chat_messages(persona, history, self._settings.max_history_tokens)
+        messages = chat_messages(persona, history, self._settings.max_history_tokens, context)
         return self._client.stream(
             lambda: self._deltas(messages, self._settings.max_tokens), cancelled, self._first_token
         )
@@ -111,8 +113,11 @@ class OpenAILLM(LLMEngine):
         self._client.close()
 
 
-def chat_messages(persona: Persona, history: Sequence[ChatMessage], budget: int) -> list[dict[str, str]]:
-    """The persona as a system message and example exchanges, then the recent conversation."""
+def chat_messages(
+    persona: Persona, history: Sequence[ChatMessage], budget: int, context: str = ""
+) -> list[dict[str, str]]:
+    """The persona as a system message and example exchanges, then the recent conversation, its last
+    question preceded by ``context`` (passages to answer from) when there is any."""
     system = [{"role": "system", "content": persona.system_prompt.strip()}] if persona.system_prompt.strip() else []
     examples = [
         {"role": role, "content": text}
@@ -120,6 +125,8 @@ def chat_messages(persona: Persona, history: Sequence[ChatMessage], budget: int)
         for role, text in (("user", question), ("assistant", answer))
     ]
     recent = [{"role": m.role, "content": m.text} for m in recent_history(history, budget)]
+    if context.strip() and recent and recent[-1]["role"] == "user":
+        recent[-1]["content"] = question_with_context(recent[-1]["content"], context)
     return [*system, *examples, *recent]
 
 

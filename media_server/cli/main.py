@@ -100,13 +100,16 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
 
 BENCHMARKS = {
     name: f"cli.bench.{name}"
-    for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak", "avatarchatbot", "remote", "cluster")
+    for name in (
+        "turn", "lipsync", "llm", "video", "tts", "startup", "soak", "avatarchatbot", "remote", "cluster", "knowledge"
+    )
 }
 
 # Sub-commands that configure their own arguments: name, module, help.
 TOOL_COMMANDS = (
     ("avatars", "cli.avatars", "add avatars from a photo or a short video"),
     ("render", "cli.render", "write an MP4 of an avatar speaking an audio file"),
+    ("knowledge", "cli.knowledge", "documents the avatar answers from: add, list, remove, search"),
     ("models", "cli.models", "download models Facecast cannot ship (run by hand, on a connected machine)"),
     ("worker", "cli.worker", "render lip-sync and render jobs for a cluster's media nodes (needs --cluster)"),
 )

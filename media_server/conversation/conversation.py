@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import numpy as np
 from aiortc.mediastreams import MediaStreamTrack
 
-from engines.base import ChatMessage, EngineSet, Persona
+from engines.base import ChatMessage, EngineSet
 from media_server.config import Settings
 from media_server.conversation.deadlines import within
 from media_server.conversation.events import (
@@ -27,12 +27,17 @@ from media_server.conversation.events import (
     PlaybackGap,
     ReplyFinal,
     Resumed,
+    Source,
+    Sources,
+    Spoken,
     State,
     StateChanged,
     Transcript,
     TurnLatency,
 )
+from media_server.conversation.knowledge import Retriever, prompt_context
 from media_server.conversation.listening import Listener, partial_transcripts
+from media_server.conversation.persona import PersonaProfile, slower
 from media_server.conversation.replying import Replier, given_text
 from media_server.conversation.turn import Turn
 from media_server.conversation.turn_policy import TurnEvent, TurnEventKind
@@ -55,19 +60,23 @@ class Conversation:
         *,
         engines: EngineSet,
         settings: Settings,
-        persona: Persona,
+        persona: PersonaProfile,
         voice: str,
         output: AvatarOutput,
         metrics: ServerMetrics,
         emit: Emit,
         history: Sequence[ChatMessage] = (),
         on_history: Callable[[list[ChatMessage]], None] = lambda history: None,
+        knowledge: Retriever | None = None,
     ) -> None:
         """``history``: what an earlier session of this conversation said; ``on_history`` is given the
         history after each change (a cluster keeps it for the next session)."""
         self.engines = engines
         self.settings = settings
-        self.persona = persona
+        self.profile = persona
+        self.persona = persona.persona
+        self.knowledge = knowledge
+        self.speed = 1.0  # the speech rate: lowered by "say that slower" for the rest of the conversation
         self.output = output
         self.metrics = metrics
         self._client_emit = emit
@@ -128,6 +137,7 @@ class Conversation:
                 partial_transcripts(
                     listener,
                     self.engines.asr,
+                    self.profile.asr_language,
                     self.settings.turn_taking.partial_interval_ms / 1000,
                     self._speculating,
                     self._on_partial,
@@ -179,6 +189,16 @@ class Conversation:
 
     # --- turns -----------------------------------------------------------------------------------
 
+    def begin(self) -> None:
+        """The session started: the LLM reads the persona's preamble (loading what it needs for the
+        persona's language) before the first question comes."""
+        self._prepare_next_reply()
+
+    def greet(self) -> None:
+        """Say the persona's greeting, if it has one (a client has just started listening)."""
+        if self.profile.greeting:
+            self.say(self.profile.greeting)
+
     def say(self, text: str) -> Turn:
         """Speak ``text`` as it is, without the LLM (broadcasts, announcements)."""
         self.last_client_activity = time.monotonic()
@@ -202,7 +222,7 @@ class Conversation:
     ) -> Turn:
         if self._turn_task is not None:
             self._turn_task.cancel()
-        turn = Turn(next(self._turn_ids), started, confirmed=confirmed)
+        turn = Turn(next(self._turn_ids), started, confirmed=confirmed, speed=self.speed)
         if not confirmed:
             self.output.hold(turn.id)
         self._turn = turn
@@ -218,22 +238,15 @@ class Conversation:
         try:
             self._send(turn, StateChanged("thinking"))
             if audio is not None:
-                deadline = self.settings.deadlines.asr_s
-                transcript = await within(asyncio.to_thread(self.engines.asr.transcribe, audio), deadline, "asr", "asr_s")
-                turn.mark("transcript")
-                text = transcript.text
-                self._send(turn, Transcript(text, final=True, turn=turn.id))
+                text = await self._transcribe(turn, audio)
+                if not text and self.profile.not_heard:
+                    text, verbatim, turn.remembered = self.profile.not_heard, True, False
             if not text:
                 self._send(turn, StateChanged("listening"))
                 turn.settle(ReplyFinal("", turn.id))
                 return
-            if verbatim:
-                deltas: AsyncIterator[str] = given_text(text)
-            else:
-                turn.question = ChatMessage("user", text)
-                history = [*self.history, turn.question]
-                deltas = self.replier.llm_deltas(turn, self.persona, history)
-            if not await self.replier.reply(turn, deltas, self._written):
+            deltas = given_text(text) if verbatim else await self._answer(turn, text)
+            if not await self.replier.reply(turn, deltas, self._written, turn.speed):
                 self._send(turn, StateChanged("listening"))
         except asyncio.CancelledError:
             turn.settle(ReplyFinal(turn.reply.strip(), turn.id, interrupted=True))
@@ -246,12 +259,50 @@ class Conversation:
             self.output.clear()
             self._emit(StateChanged("listening"))
 
+    async def _transcribe(self, turn: Turn, audio: np.ndarray) -> str:
+        language = self.profile.asr_language
+        transcribing = asyncio.to_thread(self.engines.asr.transcribe, audio, language=language)
+        transcript = await within(transcribing, self.settings.deadlines.asr_s, "asr", "asr_s")
+        turn.mark("transcript")
+        detected = transcript.language if self.profile.detect_language else None
+        self._send(turn, Transcript(transcript.text, final=True, turn=turn.id, language=detected))
+        return transcript.text
+
+    async def _answer(self, turn: Turn, text: str) -> AsyncIterator[str]:
+        """What the avatar answers ``text`` with: the LLM's reply, or, asked to say that slower, its last
+        reply again, more slowly (and every reply after it)."""
+        if self.profile.asks_slower(text):
+            turn.speed = slower(turn.speed)
+            if last := self._last_reply():
+                turn.remembered = False  # a repetition: the conversation the LLM sees is unchanged
+                return given_text(last)
+        turn.question = ChatMessage("user", text)
+        context = await self._context(turn, text)
+        return self.replier.llm_deltas(turn, self.persona, [*self.history, turn.question], context)
+
+    async def _context(self, turn: Turn, question: str) -> str:
+        """The passages of the persona's knowledge bases that answer ``question``, as the LLM's context
+        ("" when there are none); the sources event names those given to the LLM."""
+        if self.knowledge is None or not (bases := self.knowledge.existing(self.profile.knowledge_bases)):
+            return ""
+        searching = asyncio.to_thread(self.knowledge.search, bases, question)
+        passages = await within(searching, self.settings.deadlines.knowledge_s, "knowledge", "knowledge_s")
+        used, context = prompt_context(passages, self.settings.knowledge)
+        if used:
+            sources = tuple(Source(p.document, p.location, p.snippet) for p in used)
+            self._send(turn, Sources(turn.id, sources))
+        return context
+
+    def _last_reply(self) -> str:
+        return next((message.text for message in reversed(self.history) if message.role == "assistant"), "")
+
     def _send(self, turn: Turn, event: Event) -> None:
         turn.send(event, self._emit)
 
     async def _written(self, turn: Turn) -> None:
         """The reply's text is complete (its speech goes on): the exchange joins the history."""
         await turn.until_confirmed()
+        self.speed = turn.speed
         self._remember_exchange(turn)
         final = ReplyFinal(turn.reply.strip(), turn.id)
         self._send(turn, final)
@@ -265,6 +316,8 @@ class Conversation:
             return
         if event.kind is Playback.RENDERED:
             turn.mark("first_lipsync_frame")
+        elif event.kind is Playback.SPOKEN:
+            self._emit(Spoken(turn.id, event.caption))
         elif event.kind is Playback.STARTED:
             turn.marks.setdefault("first_audio_sent", event.at)
             self._emit(StateChanged("speaking"))
@@ -294,6 +347,7 @@ class Conversation:
         turn = self._turn
         if turn is not None and turn.confirmed:
             self.metrics.turns.labels("interrupted").inc()
+            self.speed = turn.speed
             self._remember_exchange(turn)
             self._prepare_next_reply()
             final = ReplyFinal(turn.reply.strip(), turn.id, interrupted=True)
@@ -309,6 +363,8 @@ class Conversation:
 
     def _remember_exchange(self, turn: Turn) -> None:
         """Put the turn's question, and as much of the reply as was written, into the history (once)."""
+        if not turn.remembered:
+            return
         if turn.question is not None:
             self._remember(turn.question)
             turn.question = None

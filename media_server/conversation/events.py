@@ -68,13 +68,15 @@ class StateChanged(Event):
 
 @dataclass(frozen=True)
 class Transcript(Event):
-    """The user's words: partial while they speak, final once (with its turn), or a typed message."""
+    """The user's words: partial while they speak, final once (with its turn), or a typed message; with
+    the language they were recognised in when the persona detects it."""
 
     type: ClassVar[str] = "transcript"
     text: str
     final: bool
     turn: int | None = None
     typed: bool = False
+    language: str | None = None
 
     def fields(self) -> dict[str, object]:
         out: dict[str, object] = {"text": self.text, "final": self.final}
@@ -82,6 +84,8 @@ class Transcript(Event):
             out["typed"] = True
         if self.turn is not None:
             out["turn"] = self.turn
+        if self.language:
+            out["language"] = self.language
         return out
 
 
@@ -108,6 +112,40 @@ class ReplyFinal(Event):
             out["interrupted"] = True
         out["turn"] = self.turn
         return out
+
+
+@dataclass(frozen=True)
+class Spoken(Event):
+    """A sentence of the avatar's reply, sent when its first frame plays: what the user hears now."""
+
+    type: ClassVar[str] = "spoken"
+    turn: int
+    text: str
+
+    def fields(self) -> dict[str, object]:
+        return {"turn": self.turn, "text": self.text}
+
+
+@dataclass(frozen=True)
+class Source:
+    document: str
+    location: str  # "page 3", a section's headings, or "" for plain text
+    snippet: str
+
+
+@dataclass(frozen=True)
+class Sources(Event):
+    """The passages of the persona's documents a reply was given to answer from."""
+
+    type: ClassVar[str] = "sources"
+    turn: int
+    sources: tuple[Source, ...]
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "turn": self.turn,
+            "sources": [{"document": s.document, "location": s.location, "snippet": s.snippet} for s in self.sources],
+        }
 
 
 @dataclass(frozen=True)

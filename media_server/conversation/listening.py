@@ -107,16 +107,19 @@ class Listener:
 async def partial_transcripts(
     listener: Listener,
     asr: ASREngine,
+    language: str,
     interval_s: float,
     skip: Callable[[], bool],
     on_partial: Callable[[str], Awaitable[None]],
 ) -> None:
-    """While the user speaks, decode what they have said so far every ``interval_s`` and hand it on."""
+    """While the user speaks, decode what they have said so far (in ``language``, a BCP-47 tag or
+    DETECT_LANGUAGE) every ``interval_s`` and hand it on."""
     while True:
         await asyncio.sleep(interval_s)
         # Not in a pause either: it may be the end of the turn, and the final decode would queue behind this one.
         if skip() or listener.pausing() or listener.utterance_s < MIN_PARTIAL_SECONDS:
             continue
-        transcript = await asyncio.to_thread(asr.transcribe, listener.utterance_so_far(), partial=True)
+        audio = listener.utterance_so_far()
+        transcript = await asyncio.to_thread(asr.transcribe, audio, partial=True, language=language)
         if transcript.text:
             await on_partial(transcript.text)

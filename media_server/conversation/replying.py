@@ -55,9 +55,12 @@ class Replier:
         self.deadlines = deadlines
         self._send = send
 
-    def llm_deltas(self, turn: Turn, persona: Persona, history: list[ChatMessage]) -> AsyncIterator[str]:
-        """The LLM's reply to the last message of ``history`` as deltas, within its deadlines."""
-        return timed_llm_deltas(self.llm, persona, history, self.deadlines, running=turn.llm_may_run)
+    def llm_deltas(
+        self, turn: Turn, persona: Persona, history: list[ChatMessage], context: str = ""
+    ) -> AsyncIterator[str]:
+        """The LLM's reply to the last message of ``history`` (from ``context``'s passages, if any) as
+        deltas, within its deadlines."""
+        return timed_llm_deltas(self.llm, persona, history, self.deadlines, running=turn.llm_may_run, context=context)
 
     async def reply(
         self, turn: Turn, deltas: AsyncIterator[str], written: Callable[[Turn], Awaitable[None]], speed: float = 1.0
@@ -111,7 +114,9 @@ class Replier:
                 if trim_pending:
                     audio, phonemes = from_onset(audio, phonemes, rate)
                     trim_pending = False
-                await within(self.output.speak(turn.id, audio, phonemes), self.deadlines.lipsync_s, "lipsync", "lipsync_s")
+                caption = chunk.text if chunk.starts_sentence else ""
+                speaking = self.output.speak(turn.id, audio, phonemes, caption)
+                await within(speaking, self.deadlines.lipsync_s, "lipsync", "lipsync_s")
             # Only once the whole chunk is synthesised: its first audio is out sooner, but the LLM
             # resuming then would take the cores from the rest of it.
             turn.llm_may_run.set()
@@ -124,10 +129,14 @@ def timed_llm_deltas(
     history: list[ChatMessage],
     deadlines: DeadlineSettings,
     running: threading.Event | None = None,
+    context: str = "",
 ) -> AsyncIterator[str]:
-    """The LLM's reply to the last message of ``history`` as deltas, each within its deadline; with
-    ``running``, the model pauses while it is clear. Leaving early stops the model."""
-    deltas = iterate_in_thread(lambda cancelled: llm.stream_reply(persona, history, cancelled.is_set), running=running)
+    """The LLM's reply to the last message of ``history`` (from ``context``'s passages, if any) as deltas,
+    each within its deadline; with ``running``, the model pauses while it is clear. Leaving early stops
+    the model."""
+    deltas = iterate_in_thread(
+        lambda cancelled: llm.stream_reply(persona, history, cancelled.is_set, context), running=running
+    )
     first = (deadlines.llm_first_token_s, "llm_first_token_s")
     following = (deadlines.llm_next_token_s, "llm_next_token_s")
     return items_within(deltas, first, following, "llm")

@@ -30,6 +30,8 @@ class Turn:
     marks: dict[str, float] = field(default_factory=dict)
     reply: str = ""
     reply_in_history: bool = False
+    remembered: bool = True  # False: the exchange stays out of the history (the avatar repeating itself)
+    speed: float = 1.0  # the speech rate of its reply; the conversation's from then on once it is confirmed
     question: ChatMessage | None = None  # until it is in the history
     held_events: list[Event] = field(default_factory=list)
     # Cleared while the first chunk is synthesised: the LLM pauses, and TTS has the cores.

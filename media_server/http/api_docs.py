@@ -116,6 +116,41 @@ WHEP_OFFER = Operation(
 )
 WHEP_STOP = Operation("Stop watching (WHEP)", "watch", responses={200: CLOSED})
 
+# --- knowledge bases -----------------------------------------------------------------------------------
+
+DOCUMENTS = Body(
+    "multipart/form-data",
+    obj({"files": {"type": "array", "items": BINARY}}, ("files",)),
+    "PDF (with a text layer), Markdown, text or HTML files",
+)
+KNOWLEDGE_UPLOAD = Operation(
+    "Add documents to a knowledge base (created if new); a bad file adds nothing",
+    "knowledge",
+    DOCUMENTS,
+    {200: ANY_OBJECT},
+)
+DATAPREP_INGEST = Operation(
+    "Add documents to the knowledge base index_name (OPEA's data prep; link_list is refused)",
+    "knowledge",
+    Body(
+        "multipart/form-data",
+        obj({"files": {"type": "array", "items": BINARY}, "index_name": NAME, "link_list": {"type": "string"}}),
+    ),
+    {200: ANY_OBJECT},
+)
+DATAPREP_GET = Operation(
+    "The documents of the knowledge base index_name (OPEA's data prep)",
+    "knowledge",
+    json_body(obj({"index_name": NAME})),
+    {200: json_body({"type": "array", "items": {"type": "object"}})},
+)
+DATAPREP_DELETE = Operation(
+    'Remove a document ("all": every one) from the knowledge base index_name (OPEA\'s data prep)',
+    "knowledge",
+    json_body(obj({"file_path": NAME, "index_name": NAME}, ("file_path",))),
+    {200: ANY_OBJECT},
+)
+
 # --- the cluster ---------------------------------------------------------------------------------------
 
 CLUSTER_VIEW = Operation(

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from media_server.http import api_docs as docs
-from media_server.http import broadcasts, cluster, info, opea, openai_api, talk, whep
+from media_server.http import broadcasts, cluster, info, knowledge, opea, openai_api, talk, whep
 from media_server.http.access import Access, access_middleware
 from media_server.http.errors import ApiError, Handler, errors_as_json
 from media_server.http.limits import OfferLimiter
@@ -98,6 +98,11 @@ ROUTES = (
         docs.STOP_RTMP,
         session_owned=True,
     ),
+    # Knowledge bases: documents the avatar answers from (the talk page's upload, OPEA's data prep).
+    Route("POST", "/api/knowledge/{base}/documents", knowledge.upload, Access.CONTROL, docs.KNOWLEDGE_UPLOAD),
+    Route("POST", "/v1/dataprep/ingest", knowledge.dataprep_ingest, Access.CONTROL, docs.DATAPREP_INGEST),
+    Route("POST", "/v1/dataprep/get", knowledge.dataprep_get, Access.CONTROL, docs.DATAPREP_GET),
+    Route("POST", "/v1/dataprep/delete", knowledge.dataprep_delete, Access.CONTROL, docs.DATAPREP_DELETE),
     # Watching a broadcast.
     Route("POST", "/whep", whep.offer, Access.CLIENT, docs.WHEP_OFFER, session_owned=True),
     Route("POST", "/whep/{session_id}", whep.offer, Access.CLIENT, docs.WHEP_OFFER, session_owned=True),

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from media_server.service.errors import (
     BadInput,
@@ -87,6 +88,8 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         if error.status < 400:
             raise
         return json_error(error.status, _code(error.reason), error.text or error.reason)
+    except HttpProcessingError as error:  # aiohttp could not parse what was sent (a multipart body, say)
+        return json_error(400, "bad_request", f"the request could not be read: {error.message}")
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(500, "internal", "internal server error; the server log has the details")

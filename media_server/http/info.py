@@ -46,6 +46,9 @@ async def options(request: web.Request) -> web.Response:
         {
             "avatars": node.avatar_names() if node is not None else runtime.avatars.names(),
             "personas": {name: p.display_name for name, p in runtime.personas.items()},
+            "languages": {name: p.language for name, p in runtime.personas.items()},
+            # The bases each persona answers from (whether they exist yet or not): where the page adds documents.
+            "knowledge": {name: list(p.knowledge_bases) for name, p in runtime.personas.items()},
             "voices": runtime.engines.tts.voices,
             "defaults": {"avatar": server.default_avatar, "persona": server.default_persona},
             "ice_servers": [s.model_dump(exclude_none=True) for s in server.ice_servers],

@@ -19,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
 
 from engines.audio import pcm16
@@ -118,7 +117,7 @@ async def transcriptions(request: web.Request) -> web.Response:
         raise ApiError(415, "unsupported_media_type", 'send the audio as multipart/form-data with a "file" field')
     try:
         form = await request.post()
-    except (ValueError, HttpProcessingError) as error:  # aiohttp's own words for a form it cannot parse
+    except ValueError as error:  # aiohttp's own words for a form it cannot parse
         raise bad_request(f"the form could not be read: {error}") from None
     upload = form.get("file")
     if not isinstance(upload, FileField):

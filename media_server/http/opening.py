@@ -66,6 +66,7 @@ async def session_setup(app: web.Application, chosen: Choices, memory: Conversat
         persona=runtime.personas[chosen.persona],
         voice=chosen.voice,
         memory=memory,
+        knowledge=runtime.knowledge,
     )
 
 

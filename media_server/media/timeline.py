@@ -9,6 +9,8 @@ video track, both stamped with the same tick. The two tracks are fed from the sa
 time, so they cannot drift apart however long the session runs.
 
 A turn's frames play in order; the frame the lip-sync stream marks ``segment_end`` ends the turn.
+Speech may come with a caption (its sentence): the frame its first sample is shown with carries it,
+and playing that frame reports it (``Playback.SPOKEN``), so a client reads each sentence as it hears it.
 A speculative turn's frames are held back (``hold``) until it is confirmed (``reveal``) or dropped
 (``discard``); a barge-in drops everything (``clear``).
 """
@@ -43,6 +45,7 @@ TURN_START_LIPSYNC_PIECES_S = (0.08, 0.08)
 class Playback(Enum):
     RENDERED = "rendered"  # the turn's first frames are rendered and queued (or held)
     STARTED = "started"  # its first frame went out
+    SPOKEN = "spoken"  # the first frame of a captioned piece of speech went out (the event carries the caption)
     FINISHED = "finished"  # its last frame went out
 
 
@@ -52,12 +55,14 @@ class PlaybackEvent:
     turn: int
     at: float  # time.monotonic()
     longest_gap_s: float = 0.0  # with FINISHED: the longest stretch playback waited for the pipeline
+    caption: str = ""  # with SPOKEN
 
 
 @dataclass(frozen=True)
 class QueuedFrame:
     frame: AVFrame
     turn: int
+    caption: str = ""  # the caption of the speech that starts with this frame
 
 
 PlaybackListener = Callable[[PlaybackEvent], None]
@@ -106,6 +111,10 @@ class AvatarOutput:
         self._queue: deque[QueuedFrame] = deque()
         self._held: dict[int, list[QueuedFrame]] = {}
         self._rendering: tuple[int, bool] | None = None  # (turn, whether its first frames are rendered)
+        # The rendering turn's segment: samples pushed, frames queued, and captions waiting for their frame.
+        self._segment_samples = 0
+        self._segment_frames = 0
+        self._captions: deque[tuple[int, str]] = deque()  # (frame index in the segment, caption)
         self._playing_turn: int | None = None
         self._silence = np.zeros(self.samples_per_frame, dtype=np.float32)
         self._gap_ticks = 0
@@ -132,11 +141,20 @@ class AvatarOutput:
 
     # --- speech in ---------------------------------------------------------------------------
 
-    async def speak(self, turn: int, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
+    async def speak(
+        self, turn: int, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None, caption: str = ""
+    ) -> None:
         """Render ``audio`` (float32 mono at ``sample_rate``) as the turn's next speech, queueing its frames
-        piece by piece so the first of them play before the rest is rendered."""
+        piece by piece so the first of them play before the rest is rendered. A ``caption`` is reported
+        when the frame of the audio's first sample plays."""
         if self._rendering is None or self._rendering[0] != turn:
             self._rendering = (turn, False)
+            self._segment_samples = self._segment_frames = 0
+            self._captions.clear()
+        if caption:
+            # Frame k of a segment is shown with its samples [k * spf, (k + 1) * spf).
+            self._captions.append((self._segment_samples // self.samples_per_frame, caption))
+        self._segment_samples += len(audio)
         for start, end in lipsync_pieces(len(audio), self.sample_rate, turn_starts=not self._rendering[1]):
             piece_phonemes = phonemes if start == 0 else None
             frames = await self._in_stream_thread(self._push, audio[start:end], piece_phonemes)
@@ -209,7 +227,7 @@ class AvatarOutput:
     def _queue_frames(self, turn: int, frames: list[AVFrame]) -> None:
         if not frames:
             return
-        queued = [QueuedFrame(frame, turn) for frame in frames]
+        queued = [QueuedFrame(frame, turn, self._caption_of_next_frame()) for frame in frames]
         if self._rendering == (turn, False):
             self._rendering = (turn, True)
             self._notify(PlaybackEvent(Playback.RENDERED, turn, time.monotonic()))
@@ -218,6 +236,14 @@ class AvatarOutput:
             held.extend(queued)
         else:
             self._queue.extend(queued)
+
+    def _caption_of_next_frame(self) -> str:
+        """The captions starting at the segment's next frame (joined, should two start on one frame)."""
+        captions = []
+        while self._captions and self._captions[0][0] <= self._segment_frames:
+            captions.append(self._captions.popleft()[1])
+        self._segment_frames += 1
+        return " ".join(captions)
 
     # --- the clock ---------------------------------------------------------------------------
 
@@ -264,6 +290,8 @@ class AvatarOutput:
             self._playing_turn = queued.turn
             self._longest_gap_ticks = 0
             self._notify(PlaybackEvent(Playback.STARTED, queued.turn, now))
+        if queued.caption:
+            self._notify(PlaybackEvent(Playback.SPOKEN, queued.turn, now, caption=queued.caption))
         if queued.frame.segment_end:
             self._playing_turn = None
             self._notify(PlaybackEvent(Playback.FINISHED, queued.turn, now, self._longest_gap_ticks / self.fps))

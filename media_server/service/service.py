@@ -50,10 +50,10 @@ class ModelService:
 
     def persona(self, name: object = None) -> Persona:
         if name is None:
-            return self.runtime.personas[self.settings.server.default_persona]
+            return self.runtime.personas[self.settings.server.default_persona].persona
         if not isinstance(name, str) or name not in self.runtime.personas:
             raise not_found("model (a persona)", name, list(self.runtime.personas))
-        return self.runtime.personas[name]
+        return self.runtime.personas[name].persona
 
     def voice(self, requested: object, persona: Persona | None = None) -> str:
         persona_name = (persona or self.persona()).name

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from engines.avatar import Avatar
-from engines.base import ChatMessage, EngineSet, Persona
+from engines.base import ChatMessage, EngineSet
 from media_server.config import Settings
 from media_server.conversation.conversation import Conversation
 from media_server.conversation.events import Error, Event
+from media_server.conversation.knowledge import Retriever
+from media_server.conversation.persona import PersonaProfile
 from media_server.media.timeline import AvatarOutput
 from media_server.metrics import ServerMetrics
 
@@ -41,16 +43,17 @@ class ConversationMemory:
 
 @dataclass(frozen=True)
 class SessionSetup:
-    """Who talks and with what: the server's shared settings, engines and metrics, and the session's avatar,
-    persona and voice. Every kind of session is opened from one."""
+    """Who talks and with what: the server's shared settings, engines, knowledge bases and metrics, and the
+    session's avatar, persona and voice. Every kind of session is opened from one."""
 
     settings: Settings
     engines: EngineSet
     metrics: ServerMetrics
     avatar: Avatar
-    persona: Persona
+    persona: PersonaProfile
     voice: str
     memory: ConversationMemory | None = None
+    knowledge: Retriever | None = None
 
     def names(self) -> dict[str, str]:
         return {"avatar": self.avatar.name, "persona": self.persona.name, "voice": self.voice}
@@ -82,6 +85,7 @@ class MediaSession(ABC):
             emit=self.send_event,
             history=setup.memory.history if setup.memory else (),
             on_history=setup.memory.keep if setup.memory else lambda history: None,
+            knowledge=setup.knowledge,
         )
 
     @abstractmethod
@@ -95,6 +99,7 @@ class MediaSession(ABC):
     def start(self) -> None:
         self.spawn(self.output.run(), "output clock")
         self.spawn(self._watchdog(), "watchdog")
+        self.conversation.begin()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         """Run a long-lived task of this session: if it fails, the session reports it and closes."""

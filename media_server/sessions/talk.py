@@ -58,6 +58,7 @@ class TalkSession(MediaSession):
         conversation = {"conversation": memory.id, "resumed": len(memory.history)} if memory else {}
         self.send_event(SessionInfo(self.id, **self.setup.names(), **conversation))
         self.send_event(StateChanged(self.conversation.state))
+        self.conversation.greet()
 
     def _on_message(self, raw: object) -> None:
         """Whatever arrives, the answer is an event or nothing: no message can break the session."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from engines.avatar import Avatar, FaceBox
 from engines.base import (
+    DETECT_LANGUAGE,
     ASREngine,
     AVFrame,
     ChatMessage,
@@ -29,6 +30,7 @@ from engines.base import (
     VADStream,
     mono_samples,
 )
+from engines.knowledge import Passage
 
 FRAME_SIZE = (64, 48)  # width, height of the numbered frames
 
@@ -61,15 +63,21 @@ class _ScriptedVADStream(VADStream):
 
 
 class FixedASR(ASREngine):
-    """Returns ``text`` for every final decode and ``partial_text`` for every partial one."""
+    """Returns ``text`` for every final decode and ``partial_text`` for every partial one, in the language
+    asked for, or ``detected`` when asked to detect it."""
 
-    def __init__(self, text: str = "What is the capital of France?", partial_text: str = "What is the") -> None:
-        self.text, self.partial_text = text, partial_text
+    def __init__(
+        self, text: str = "What is the capital of France?", partial_text: str = "What is the", detected: str = "en"
+    ) -> None:
+        self.text, self.partial_text, self.detected = text, partial_text, detected
         self.decoded: list[tuple[int, bool]] = []  # (samples, partial) of each call
+        self.languages: list[str | None] = []  # the language each call asked for
 
-    def transcribe(self, audio: np.ndarray, *, partial: bool = False) -> Transcript:
+    def transcribe(self, audio: np.ndarray, *, partial: bool = False, language: str | None = None) -> Transcript:
         self.decoded.append((len(audio), partial))
-        return Transcript(self.partial_text if partial else self.text, "en", len(audio) / self.sample_rate)
+        self.languages.append(language)
+        spoken = self.detected if language in (None, DETECT_LANGUAGE) else language
+        return Transcript(self.partial_text if partial else self.text, spoken, len(audio) / self.sample_rate)
 
 
 class ScriptedLLM(LLMEngine):
@@ -81,6 +89,7 @@ class ScriptedLLM(LLMEngine):
         self.gated = gated
         self._gate = threading.Semaphore(0)
         self.asked: list[list[ChatMessage]] = []
+        self.contexts: list[str] = []  # the passages each reply was given
         self.prepared: list[str] = []
         self.cancelled_seen = threading.Event()
         self.failure: Exception | None = None
@@ -91,9 +100,10 @@ class ScriptedLLM(LLMEngine):
             self._gate.release()
 
     def stream_reply(
-        self, persona: Persona, history: list[ChatMessage], cancelled: Callable[[], bool]
+        self, persona: Persona, history: list[ChatMessage], cancelled: Callable[[], bool], context: str = ""
     ) -> Iterator[str]:
         self.asked.append(list(history))
+        self.contexts.append(context)
         if self.failure is not None:
             raise self.failure
         self.written = 0
@@ -112,6 +122,21 @@ class ScriptedLLM(LLMEngine):
 
     def prepare(self, persona: Persona, history: Sequence[ChatMessage] = (), question_so_far: str = "") -> None:
         self.prepared.append(question_so_far)
+
+
+class ScriptedKnowledge:
+    """Knowledge bases whose searches return their passages, whatever the question; records each search."""
+
+    def __init__(self, bases: dict[str, list[Passage]]) -> None:
+        self.bases = bases
+        self.searched: list[tuple[tuple[str, ...], str]] = []
+
+    def existing(self, bases: Sequence[str]) -> list[str]:
+        return [name for name in bases if name in self.bases]
+
+    def search(self, bases: Sequence[str], question: str) -> list[Passage]:
+        self.searched.append((tuple(bases), question))
+        return [passage for name in bases for passage in self.bases[name]]
 
 
 class ToneTTS(TTSEngine):

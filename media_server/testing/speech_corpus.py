@@ -41,6 +41,19 @@ QUESTIONS = (
     "Why do leaves change color in autumn?",
 )
 
+# A learner's questions and sentences in German, chosen among those that Whisper base transcribes well
+# when espeak-ng's German voice says them (its German is harder to recognise than a person's).
+GERMAN_QUESTIONS = (
+    "Was ist die Hauptstadt von Deutschland?",
+    "Ich möchte einen Kaffee trinken.",
+    "Kannst du mir helfen?",
+    "Ich habe einen Hund.",
+    "Ich heiße Anna und ich lerne Deutsch.",
+    "Was ist die Hauptstadt von Frankreich?",
+    "Wie viele Beine hat eine Spinne?",
+    "Ich gehe morgen ins Kino.",
+)
+QUESTIONS_BY_LANGUAGE = {"en": QUESTIONS, "de": GERMAN_QUESTIONS}
 
 # What the int8 Wav2Lip decoder is calibrated on (engines/lipsync/wav2lip/calibration_mels.npz).
 CALIBRATION_SPEECH = (

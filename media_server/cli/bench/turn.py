@@ -1,7 +1,9 @@
 """``facecast bench turn``: talk to a real server over real WebRTC and report where the time goes.
 
 The server runs as its own process (``facecast serve``), as in production, so its memory and CPU
-can be read from /proc. Questions are synthesised here with two different voices and speeds.
+can be read from /proc. Questions are synthesised here with two different voices and speeds, in the
+language of the persona each configuration talks to (``--variant server.default_persona=german_teacher``:
+German questions spoken by espeak-ng's German voice at two speeds).
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import time
 
 import numpy as np
 
-from engines.base import TTSEngine
+from engines.base import TTSEngine, primary_language
 from engines.registry import create_engine
 from media_server.cli.bench.server import ServerProcess, free_ports, quiet_client
-from media_server.config import Settings
+from media_server.config import ConfigError, Settings
 from media_server.metrics import STAGES
 from media_server.testing.llama_server import running_llama_server
 from media_server.testing.loopback_client import LoopbackClient
-from media_server.testing.speech_corpus import QUESTIONS, espeak, word_error_rate
+from media_server.testing.speech_corpus import QUESTIONS, QUESTIONS_BY_LANGUAGE, espeak, word_error_rate
 
 IDLE_SESSIONS = 3
 INTERRUPTED_STORY = (
@@ -34,6 +36,8 @@ INTERRUPTED_STORY = (
 IDLE_MEASURE_S = 10.0
 LONG_CONVERSATION_WINDOW = 5  # turns at each end of the long conversation compared
 ESPEAK_VOICES = (("en-us", 140), ("en-gb", 185))
+OTHER_LANGUAGE_SPEEDS = (120, 150)  # words per minute of espeak-ng's voice for questions in other languages
+GREETING_WAIT_S = 1.0  # a persona's greeting has started by then, if it has one
 BARGE_IN_QUIET_S = 0.4  # longer than any pause between the avatar's words
 DEFAULT = "default"
 LLAMA_SERVER_AUTO = "llm.base_url=auto"
@@ -55,6 +59,33 @@ def _voices(tts: TTSEngine, n: int) -> list[tuple[str, str, np.ndarray, int]]:
             label = f"espeak-{accent}-{speed}wpm"
         clips.append((question, label, audio, rate))
     return clips
+
+
+def _clips_in(language: str, n: int, tts: TTSEngine) -> list[tuple[str, str, np.ndarray, int]]:
+    """``n`` questions in ``language`` (a persona's): English in Piper's and espeak-ng's voices (``_voices``),
+    another language in espeak-ng's voice for it at two speeds."""
+    code = primary_language(language)
+    if code == "en":
+        return _voices(tts, n)
+    questions = QUESTIONS_BY_LANGUAGE.get(code)
+    if questions is None:
+        known = ", ".join(QUESTIONS_BY_LANGUAGE)
+        raise ConfigError(f"bench turn has no questions in {language!r}; it has them in: {known}")
+    clips = []
+    for i in range(n):
+        speed = OTHER_LANGUAGE_SPEEDS[(i + i // len(questions)) % len(OTHER_LANGUAGE_SPEEDS)]
+        question = questions[i % len(questions)]
+        clips.append((question, f"espeak-{code}-{speed}wpm", *espeak(question, code, speed)))
+    return clips
+
+
+def _persona_language(settings: Settings, variant: list[str]) -> str:
+    """The language of the persona a configuration's sessions talk to (its ``server.default_persona``)."""
+    chosen = dict(pair.partition("=")[::2] for pair in variant).get("server.default_persona")
+    persona = settings.personas.get(chosen or settings.server.default_persona)
+    if persona is None:
+        raise ConfigError(f"server.default_persona {chosen!r} is not one of the personas: {', '.join(settings.personas)}")
+    return persona.language
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -107,17 +138,28 @@ async def _idle_cost(server: ServerProcess) -> dict[str, float]:
     }
 
 
-async def _run_turns(servers: dict[str, ServerProcess], clips: list) -> dict[str, list[dict[str, object]]]:
-    """Each question to every configuration in turn, so that a change in the machine's load (a VM's
-    neighbours) hits all of them alike; each answer in its own session, with no other session open."""
+async def _greeted(client: LoopbackClient) -> None:
+    """Wait out the persona's greeting, if it has one: a question over it would interrupt it."""
+    await asyncio.sleep(GREETING_WAIT_S)
+    if client.events_of("reply"):
+        speaking = await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "speaking", 60)
+        spoke_at = next(at for at, e in client.events if e is speaking)
+        await client.wait_for(lambda e: e.get("type") == "state" and e.get("state") == "listening", 60, spoke_at)
+
+
+async def _run_turns(servers: dict[str, ServerProcess], clips: dict[str, list]) -> dict[str, list[dict[str, object]]]:
+    """The i-th question to every configuration in turn (in its persona's language), so that a change in
+    the machine's load (a VM's neighbours) hits all of them alike; each answer in its own session, with
+    no other session open."""
     results: dict[str, list[dict[str, object]]] = {name: [] for name in servers}
     order = list(servers.items())
-    for round_number, (question, label, audio, rate) in enumerate(clips):
+    for round_number in range(len(next(iter(clips.values())))):
         shift = round_number % len(order)  # no configuration always goes first
         for name, server in order[shift:] + order[:shift]:
+            question, label, audio, rate = clips[name][round_number]
             client = quiet_client(server)
             await client.connect()
-            await asyncio.sleep(1.0)
+            await _greeted(client)
             try:
                 result = await _ask(client, question, audio, rate)
             finally:
@@ -219,7 +261,9 @@ async def _long_conversation(server: ServerProcess, count: int) -> dict[str, obj
     }
 
 
-def _run_configurations(args: argparse.Namespace, variants: dict[str, list[str]], clips: list) -> dict[str, object]:
+def _run_configurations(
+    args: argparse.Namespace, variants: dict[str, list[str]], clips: dict[str, list]
+) -> dict[str, object]:
     servers: dict[str, ServerProcess] = {}
     try:
         with free_ports(len(variants)) as ports:
@@ -285,14 +329,16 @@ def _on_llama_server(variants: dict[str, list[str]], stack: contextlib.ExitStack
 
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
+    variants = {DEFAULT: [], **{v: v.split(",") for v in args.variant}}
+    languages = {name: _persona_language(settings, variant) for name, variant in variants.items()}
     tts = create_engine("tts", settings.tts.engine, settings.tts.options)
     try:
-        clips = _voices(tts, args.n)
+        by_language = {language: _clips_in(language, args.n, tts) for language in set(languages.values())}
     finally:
         tts.close()
+    clips = {name: by_language[language] for name, language in languages.items()}
     with contextlib.ExitStack() as stack:
-        variants = _on_llama_server({DEFAULT: [], **{v: v.split(",") for v in args.variant}}, stack)
-        results = _run_configurations(args, variants, clips)
+        results = _run_configurations(args, _on_llama_server(variants, stack), clips)
     if args.json:
         print(json.dumps(results))
         return
