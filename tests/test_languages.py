@@ -39,7 +39,8 @@ def of_type(s: Scripted, kind: str) -> list[dict[str, object]]:
 async def until_spoken(s: Scripted) -> None:
     """Until the avatar has spoken and is listening again, the clock ticking."""
     await s.until(lambda: "state:speaking" in s.types(), ticking=True)
-    await s.until(lambda: s.types()[-1] == "state:listening", ticking=True)
+    # The reply's final text may come just after its last frame played: the clock is stepped faster than real time.
+    await s.until(lambda: "reply:final" in s.types() and s.conversation.state == "listening", ticking=True)
 
 
 class SlowKnowledge(ScriptedKnowledge):
