@@ -96,7 +96,9 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
     return run
 
 
-BENCHMARKS = {name: f"cli.bench.{name}" for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak")}
+BENCHMARKS = {
+    name: f"cli.bench.{name}" for name in ("turn", "lipsync", "llm", "video", "tts", "startup", "soak", "capacity")
+}
 
 # Sub-commands that configure their own arguments: name, module, help.
 TOOL_COMMANDS = (
@@ -152,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=50,
         help="typed turns in one session, to compare turn 50's first token with turn 1's (0: skip)",
+    )
+    bench.add_argument("--quick", action="store_true", help="capacity: fewer and shorter steps (a few minutes)")
+    bench.add_argument("--say", action="store_true", help="capacity: speaking sessions say a sentence (no LLM)")
+    bench.add_argument(
+        "--llm-server",
+        action="store_true",
+        help="capacity: the LLM is llama.cpp's own OpenAI-compatible server (llm.engine=openai), not in-process",
     )
     bench.set_defaults(run=lambda args: _module_command(BENCHMARKS[args.what])(args))
     for name, module, help_text in TOOL_COMMANDS:
