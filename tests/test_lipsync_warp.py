@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 
@@ -130,8 +131,8 @@ def test_idle_mouth_is_still_but_the_face_lives(engine: WarpLipSync, avatar: Ava
 def test_an_idle_stream_changes_its_picture_only_to_blink_or_move_the_head(engine: WarpLipSync, avatar: Avatar) -> None:
     stream = engine.open_stream(avatar, FPS, RATE)
     idle = [stream.idle_frame() for _ in range(20 * FPS)]
-    changed = [later is not earlier for earlier, later in zip(idle, idle[1:])]
-    for earlier, later, new in zip(idle, idle[1:], changed):
+    changed = [later is not earlier for earlier, later in itertools.pairwise(idle)]
+    for (earlier, later), new in zip(itertools.pairwise(idle), changed, strict=True):
         assert new or not later.flags.writeable  # a still frame is the previous one again, read-only
         if new:
             assert np.abs(later.astype(np.int16) - earlier).max() > 0  # and a new one differs

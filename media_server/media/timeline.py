@@ -73,8 +73,8 @@ SentAudioListener = Callable[[np.ndarray, float], None]
 
 
 def audio_packet_s(fps: int) -> float:
-    """A tick's audio leaves at once, so packets as long as a tick delay nothing; and each packet costs
-    the WebRTC sender as much work in Python as its audio costs libopus. At 25 fps: one 40 ms packet a tick."""
+    """A tick's audio leaves at once, so packets as long as a tick delay nothing, and the WebRTC sender's
+    work (in Python) is per packet, whatever its length. At 25 fps: one 40 ms packet a tick."""
     tick = fractions.Fraction(1, fps)
     return float(next((packet for packet in OPUS_PACKETS_S if tick % packet == 0), OPUS_PACKETS_S[-1]))
 

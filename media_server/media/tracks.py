@@ -25,7 +25,7 @@ class OpusEncoder:
     """Packets of ``packet_s`` of mono 16-bit audio to Opus packets, each carrying the int16 samples it
     encodes (``packet.opaque``) for whoever needs to know what was sent.
 
-    An idle avatar sends silence 50 times a second. A few packets into a silence libopus writes the same
+    An idle avatar sends silence all the time. A few packets into a silence libopus writes the same
     bytes for every silent packet; from then on those bytes are sent again without calling the encoder.
     The encoder's state then stays that of a shorter silence: speech after it is encoded a little
     differently, not worse (within 0.5 dB SNR, tests/test_av_output.py).

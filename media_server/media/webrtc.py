@@ -79,18 +79,20 @@ def set_audio_jitter_buffer(pc: RTCPeerConnection, track: MediaStreamTrack, pack
 
 class DecodeOnTheLoop(queue.Queue):
     """Stands in for the queue of aiortc's decoder thread for one audio receiver. aiortc hands every
-    received frame to a thread of its own to decode and the decoded frame back to the event loop: for a
-    microphone, two thread switches every 20 ms per session, around a decode of some tens of
-    microseconds, and most of an idle session's cost. Here the frame is decoded where it arrives, on the
-    event loop, and goes straight to the track. Only the end of the stream (None) still reaches aiortc's
-    thread, idle until then, which ends the track as it always does."""
+    received frame to a thread of its own to decode, and the decoded frame back to the event loop: for a
+    microphone, two thread switches every 20 ms, per session, around a decode of some tens of
+    microseconds. Here the frame is decoded where it arrives, on the event loop, and goes straight to the
+    track. Only the end of the stream (None) still reaches aiortc's thread, idle until then, which ends
+    the track as it always does."""
 
     def __init__(self, track: MediaStreamTrack) -> None:
         super().__init__()
         self._decoded = track._queue  # type: ignore[attr-defined]  # aiortc's RemoteStreamTrack
         self._decoder: tuple[str, Decoder] | None = None
 
-    def put(self, item: tuple[RTCRtpCodecParameters, object] | None, block: bool = True, timeout: float | None = None) -> None:
+    def put(
+        self, item: tuple[RTCRtpCodecParameters, object] | None, block: bool = True, timeout: float | None = None
+    ) -> None:
         if item is None:
             super().put(item, block, timeout)
             return
@@ -112,10 +114,10 @@ def decode_audio_on_the_loop(pc: RTCPeerConnection, track: MediaStreamTrack) -> 
     decoder thread then goes on decoding)."""
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
-        if receiver.track is track:
-            if getattr(receiver, "_RTCRtpReceiver__decoder_thread", False) is None and hasattr(track, "_queue"):
-                receiver._RTCRtpReceiver__decoder_queue = DecodeOnTheLoop(track)
-                return True
+        not_started = getattr(receiver, "_RTCRtpReceiver__decoder_thread", False) is None
+        if receiver.track is track and not_started and hasattr(track, "_queue"):
+            receiver._RTCRtpReceiver__decoder_queue = DecodeOnTheLoop(track)
+            return True
     log.warning("could not decode received audio on the event loop: this aiortc version keeps its decoder elsewhere")
     return False
 

@@ -135,11 +135,15 @@ async def take_turn(client: LoopbackClient, text: str, say: bool) -> float | Non
     start = time.monotonic()
     client.send({"type": "say" if say else "text", "text": text})
     try:
-        metrics = await client.wait_for(lambda e: e.get("type") == "metrics" and "latency_ms" in e, TURN_TIMEOUT_S, start)
-        await client.wait_for(lambda e: e.get("type") == "metrics" and "longest_gap_ms" in e, TURN_TIMEOUT_S, start)
+        metrics = await client.wait_for(lambda e: metrics_with(e, "latency_ms"), TURN_TIMEOUT_S, start)
+        await client.wait_for(lambda e: metrics_with(e, "longest_gap_ms"), TURN_TIMEOUT_S, start)  # it played out
     except TimeoutError:
         return None
     return metrics["latency_ms"].get("first_audio_sent")
+
+
+def metrics_with(event: dict, key: str) -> bool:
+    return event.get("type") == "metrics" and key in event
 
 
 async def speaking_step(server: ServerProcess, clients: list[LoopbackClient], rounds: int, say: bool) -> Step:
@@ -148,7 +152,8 @@ async def speaking_step(server: ServerProcess, clients: list[LoopbackClient], ro
     latencies: list[float] = []
     failed = 0
     for round_number in range(rounds):
-        texts = [SAID if say else QUESTIONS[(round_number * len(clients) + i) % len(QUESTIONS)] for i in range(len(clients))]
+        first = round_number * len(clients)
+        texts = [SAID if say else QUESTIONS[(first + i) % len(QUESTIONS)] for i in range(len(clients))]
         results = await asyncio.gather(*(take_turn(c, text, say) for c, text in zip(clients, texts, strict=True)))
         latencies += [ms for ms in results if ms is not None]
         failed += sum(ms is None for ms in results)

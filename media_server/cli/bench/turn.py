@@ -123,9 +123,7 @@ async def _run_turns(servers: dict[str, ServerProcess], clips: list) -> dict[str
 
 
 def summarise(turns: list[dict[str, object]], idle: dict[str, float]) -> dict[str, object]:
-    stages = {
-        stage: percentiles([t["server_ms"][stage] for t in turns if stage in t["server_ms"]]) for stage in STAGES
-    }
+    stages = {stage: percentiles([t["server_ms"][stage] for t in turns if stage in t["server_ms"]]) for stage in STAGES}
     client_side = [t["client_end_of_speech_to_audio_ms"] for t in turns if t["client_end_of_speech_to_audio_ms"]]
     return {
         "turns": len(turns),
