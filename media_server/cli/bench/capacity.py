@@ -31,6 +31,7 @@ from media_server.testing.loopback_client import LoopbackClient
 from media_server.testing.speech_corpus import QUESTIONS
 
 SETTLE_S = 3.0  # after the step's sessions connect, before it is measured
+CLOSE_TIMEOUT_S = 30.0  # for the server to close the sessions of the connected climb
 TURN_TIMEOUT_S = 90.0
 BETWEEN_ROUNDS_S = 0.5
 LATENCY_LIMIT = 2.0  # a speaking step is over the limit once its p95 is this many times one session's
@@ -104,10 +105,15 @@ async def connect_up_to(server: ServerProcess, clients: list[LoopbackClient], co
         clients.append(client)
 
 
-async def close_all(clients: list[LoopbackClient]) -> None:
+async def close_all(server: ServerProcess, clients: list[LoopbackClient]) -> None:
+    """Close the clients, and wait until the server has closed their sessions (so that tearing them down
+    is not in the next step's measurement)."""
     for client in clients:
         await client.close()
     clients.clear()
+    deadline = time.monotonic() + CLOSE_TIMEOUT_S
+    while server.metric("facecast_sessions") > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
 
 
 async def connected_steps(server: ServerProcess, plan: Plan) -> tuple[list[Step], float]:
@@ -126,7 +132,7 @@ async def connected_steps(server: ServerProcess, plan: Plan) -> tuple[list[Step]
                 break
         rss_per_session = (steps[-1].rss_mb - idle_rss) / steps[-1].connected
     finally:
-        await close_all(clients)
+        await close_all(server, clients)
     return steps, round(rss_per_session, 1)
 
 
@@ -174,7 +180,7 @@ async def speaking_steps(server: ServerProcess, plan: Plan, say: bool) -> list[S
             if over_the_limit(steps[-1], steps[0]):
                 break
     finally:
-        await close_all(clients)
+        await close_all(server, clients)
     return steps
 
 
