@@ -236,8 +236,9 @@ class LipSyncStream(ABC):
     def idle_frame(self, elapsed_frames: int = 1) -> np.ndarray:
         """A frame while nobody speaks (blinks, slight motion), continuous with speech frames.
 
-        ``elapsed_frames`` ticks of 1/fps have passed since the previous frame: idle video may run at a
-        lower frame rate than speech, and the animation must keep real time.
+        ``elapsed_frames`` ticks of 1/fps have passed since the previous frame: a caller may skip ticks,
+        and the animation must keep real time. When nothing visible changed since the previous frame it
+        may return that very array again (read-only): the caller then sends nothing new.
         """
 
     @abstractmethod

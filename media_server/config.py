@@ -96,7 +96,7 @@ OPUS_SAMPLE_RATES = (8000, 12000, 16000, 24000, 48000)
 
 class MediaSettings(Strict):
     fps: int = Field(25, ge=5, le=60)
-    idle_fps: int = Field(5, ge=1, le=60)
+    idle_fps: int = Field(1, ge=1, le=60)
     sample_rate: int = 48000
     mic_jitter_buffer_packets: int = Field(1, ge=1, le=15)
 

@@ -6,6 +6,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import cv2
+
 from engines.avatar import AvatarCatalogue
 from engines.base import Engine, EngineConfigError, EngineLoadError, EngineSet, Persona
 from engines.knowledge import check_name
@@ -123,6 +125,9 @@ class Runtime:
 
     @classmethod
     def load(cls, settings: Settings, warm_up: bool = True) -> Runtime:
+        # The sessions are the server's parallelism. OpenCV splitting every frame of every session
+        # across a pool of its own only adds workers that spin, waiting for the next frame.
+        cv2.setNumThreads(1)
         personas = profiles_from(settings)
         engines = build_engines(settings, warm_up)
         try:

@@ -83,6 +83,17 @@ AUDIO_STATS = """async () => {
 }"""
 
 
+VIDEO_STATS = """async () => {
+  const report = await window.facecast.pc.getStats();
+  for (const stats of report.values()) {
+    if (stats.type === "inbound-rtp" && stats.kind === "video") {
+      return { frames: stats.framesDecoded, pli: stats.pliCount, fir: stats.firCount, freezes: stats.freezeCount };
+    }
+  }
+  return null;
+}"""
+
+
 async def test_page_loads_with_pickers_filled(page):
     await expect(page.get_by_test_id("avatar-select").locator("option")).not_to_have_count(0)
     await expect(page.get_by_test_id("avatar-select")).to_have_value("default")
@@ -181,3 +192,19 @@ async def test_documents_dropped_on_the_chat_answer_questions_with_their_sources
     await expect(reply.locator(".msg-unsaid")).to_have_text("")
     await expect(reply.locator(".msg-said")).to_have_text(re.compile("5548"))
     assert [e for e in page.problems.errors if "status of 400" not in e] == []  # the empty document's refusal
+
+
+async def test_an_idle_avatars_video_stays_live_without_asking_for_keyframes(page):
+    await page.get_by_test_id("text-input").fill("Hello!")
+    await page.get_by_test_id("send-button").click()
+    reply = page.get_by_test_id("avatar-message").first
+    await expect(reply).not_to_have_class(re.compile("streaming"), timeout=TURN_TIMEOUT_MS)
+    await expect(page.get_by_test_id("state")).to_have_attribute("data-state", "listening", timeout=TURN_TIMEOUT_MS)
+    before = await page.evaluate(VIDEO_STATS)
+    await page.wait_for_timeout(8000)
+    after = await page.evaluate(VIDEO_STATS)
+    # Only changed pictures come, and the still one again every second: Chromium plays them as they come
+    # and asks for no keyframe (its stats do count the longer gaps as freezes).
+    assert after["frames"] - before["frames"] >= 8, (before, after)
+    assert (after["pli"], after["fir"]) == (before["pli"], before["fir"]), (before, after)
+    assert page.problems.errors == []

@@ -78,8 +78,9 @@ async def test_spoken_question_gets_a_lip_synced_spoken_answer(client_factory, r
     assert np.median(np.diff([f.pts for f in speaking_frames])) == 90000 // FPS
     seconds = speaking_frames[-1].at - speaking_frames[0].at
     assert 0.8 * FPS <= (len(speaking_frames) - 1) / seconds <= 1.2 * FPS
-    idle_frames = [f for f in client.recording.video if idle_end - 1.5 <= f.at < idle_end]
-    assert np.median(np.diff([f.pts for f in idle_frames])) == 90000 // runtime.settings.media.idle_fps
+    idle_steps = np.diff([f.pts for f in client.recording.video if idle_end - 1.5 <= f.at < idle_end])
+    assert all(step % (90000 // FPS) == 0 for step in idle_steps)  # on the tick clock, only when it changed,
+    assert max(idle_steps) <= 90000 // runtime.settings.media.idle_fps  # or at idle_fps while it stays still
 
     speaking_mouth = mouth_brightness(client, runtime, speaking_at, listening_at)
     idle_mouth = mouth_brightness(client, runtime, idle_end - 1.5, idle_end)

@@ -52,7 +52,7 @@ class Scripted:
         self.output.add_frame_listener(self._seen)
 
     def _seen(self, picture: np.ndarray | None, audio: np.ndarray) -> None:
-        if picture is not None:  # None: an idle tick whose picture was skipped (idle video runs slower)
+        if picture is not None:  # None: the picture did not change
             self.pictures.append(picture_number(picture))
 
     async def hear(self, seconds: float, probability: float = 0.9, tick: bool = False) -> None:
@@ -124,6 +124,19 @@ async def test_a_typed_turn_goes_thinking_speaking_listening_with_every_event_in
     spoken = [number for number in s.pictures if number]
     assert spoken == list(range(1, len(spoken) + 1)) and s.pictures[-1] == spoken[-1]
     assert [m.role for m in s.conversation.history] == ["user", "assistant"]
+
+
+async def test_a_picture_is_sent_when_it_changes_and_a_still_one_again_only_at_idle_fps(scripted) -> None:
+    s = scripted()
+    for _ in range(2 * s.output.still_stride + 1):
+        await s.output.play_tick()
+    assert s.output.frames_sent == 3  # the first idle picture, then the same again every 1/idle_fps s
+    assert s.pictures == [0]  # listeners hear of a picture only when it changes
+    sent = s.output.frames_sent
+    s.conversation.say("Welcome to the stream!")
+    await s.until(s.has("state:listening"), ticking=True)
+    spoken = [number for number in s.pictures if number]
+    assert spoken and s.output.frames_sent >= sent + len(spoken)  # every speech frame goes out
 
 
 async def test_said_text_is_spoken_as_it_is_without_the_llm(scripted) -> None:

@@ -13,7 +13,8 @@ import pytest
 from engines.audio import silence_before_onset
 from engines.base import ASREngine, ChatMessage, LLMEngine, Persona, Transcript
 from media_server.http.state import METRICS, SESSIONS
-from media_server.media.timeline import AUDIO_PACKET_S, Playback
+from media_server.media.timeline import Playback
+from media_server.media.webrtc import DecodeOnTheLoop
 from media_server.testing.harness import BareConversation, bare_conversation, settings_with
 from media_server.testing.loopback_client import MicrophoneTrack
 from media_server.testing.speech_corpus import espeak
@@ -192,10 +193,10 @@ async def test_memory_stays_bounded_over_fifty_turns(client_factory, server_app,
 
 
 class LateTaker:
-    """A WebRTC sender that takes each 20 ms packet ``lag_s`` after its time, as a starved one does."""
+    """A WebRTC sender that takes each packet (``packet_s`` long) ``lag_s`` after its time, as a starved one does."""
 
-    def __init__(self, take: Callable[[], Awaitable[av.Packet]], lag_s: float) -> None:
-        self.take, self.lag_s = take, lag_s
+    def __init__(self, take: Callable[[], Awaitable[av.Packet]], packet_s: float, lag_s: float) -> None:
+        self.take, self.packet_s, self.lag_s = take, packet_s, lag_s
         self.first_due: float | None = None
         self.taken = 0
 
@@ -203,7 +204,7 @@ class LateTaker:
         loop = asyncio.get_running_loop()
         if self.first_due is None:
             self.first_due = loop.time() + self.lag_s
-        await asyncio.sleep(max(0.0, self.first_due + self.taken * AUDIO_PACKET_S - loop.time()))
+        await asyncio.sleep(max(0.0, self.first_due + self.taken * self.packet_s - loop.time()))
         self.taken += 1
         return await self.take()
 
@@ -220,7 +221,7 @@ async def test_the_avatar_does_not_interrupt_itself_through_the_speakers(
     if sender_lag_s:
         # A busy machine: the WebRTC sender takes each packet of the avatar's audio late, so it is sent
         # (and echoed) later than the timeline played it. The guard must compare with what was sent, and when.
-        session.output.audio.recv = LateTaker(session.output.audio.recv, sender_lag_s)
+        session.output.audio.recv = LateTaker(session.output.audio.recv, session.output.audio_packet_s, sender_lag_s)
     echo_windows = server_app[METRICS].echo_windows._value.get()
     client.send({"type": "say", "text": STORY})
     speaking_at = await wait_for_state(client, "speaking")
@@ -244,6 +245,23 @@ async def test_the_microphone_waits_in_aiortcs_jitter_buffer_only_as_long_as_con
         await asyncio.sleep(0.05)
     buffer = receivers[0]._RTCRtpReceiver__jitter_buffer  # the setting aiortc does not expose
     assert buffer._prefetch == runtime.settings.media.mic_jitter_buffer_packets == 1
+
+
+async def test_the_microphone_is_decoded_on_the_event_loop_not_in_a_thread_of_its_own(client_factory, server_app):
+    client = await client_factory()
+    session = server_app[SESSIONS].talks[client.session_id]
+    receiver = next(t.receiver for t in session.pc.getTransceivers() if t.kind == "audio")
+    listener = session.conversation.listener
+    heard = listener.audio_time
+    client.microphone.say(*espeak("Hello there.", "en-us", 160))
+    await asyncio.sleep(1.5)
+    assert listener.audio_time > heard + 1.0  # the microphone is heard, in real time,
+    decoder_queue = receiver._RTCRtpReceiver__decoder_queue
+    assert isinstance(decoder_queue, DecodeOnTheLoop) and decoder_queue.empty()  # and nothing waits for aiortc's thread
+    thread = receiver._RTCRtpReceiver__decoder_thread
+    await session.close()
+    await asyncio.to_thread(thread.join, 5)
+    assert not thread.is_alive()  # which still ends with the session
 
 
 async def first_reply_audio(runtime, text: str, **changes: object) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.codecs.vpx import Vp8Encoder
@@ -32,6 +33,29 @@ async def test_a_session_sends_its_video_through_the_rendered_frames_encoder(cli
     session = server_app[SESSIONS].talks[client.session_id]
     sender = next(t.sender for t in session.pc.getTransceivers() if t.kind == "video")
     assert isinstance(sender._RTCRtpSender__encoder, RenderedVideoVp8Encoder)
+
+
+async def test_a_keyframe_a_player_asks_for_while_the_avatar_is_still_comes_within_1_over_idle_fps(
+    client_factory, server_app, runtime
+) -> None:
+    client = await client_factory()
+    await asyncio.sleep(3.0)  # idle, with the first keyframe long gone
+    session = server_app[SESSIONS].talks[client.session_id]
+    encoder = next(t.sender for t in session.pc.getTransceivers() if t.kind == "video")._RTCRtpSender__encoder
+    encode, keyframes = encoder.encode, []
+
+    def noting_keyframes(frame, force_keyframe=False):  # the real encoder, watched
+        if force_keyframe:
+            keyframes.append(time.monotonic())
+        return encode(frame, force_keyframe)
+
+    encoder.encode = noting_keyframes
+    receiver = next(t.receiver for t in client.pc.getTransceivers() if t.kind == "video")
+    (source,) = receiver.getSynchronizationSources()
+    asked = time.monotonic()
+    await receiver._send_rtcp_pli(source.source)  # what a browser sends after losing a picture
+    await asyncio.sleep(1 / runtime.settings.media.idle_fps + 0.5)
+    assert keyframes and keyframes[0] - asked < 1 / runtime.settings.media.idle_fps + 0.2
 
 
 async def encoder_for_an_offer_of(mime_type: str) -> object:

@@ -16,6 +16,11 @@ inpainted with the surrounding skin, precomputed) down over the eye with a soft 
 edge. A slow sub-degree rotation and 1-2 px drift of the whole frame (``cv2.warpAffine``) runs
 continuously, through speech and idle alike, so the avatar never looks like a frozen photo.
 
+The drift is shown in steps of about a third of a pixel: the head on screen moves on once the drift
+is that far from where it is shown. A still frame (no speech, no blink, no step) is the previous one,
+returned again as the same array: the caller sends nothing new for it, and an idle stream at the full
+frame rate changes its picture only a few times a second besides its blinks.
+
 Everything that depends only on the avatar (lip line, eye positions, closed-eye patches, warp
 templates) is computed once in ``prepare``; a stream keeps only a few floats and its pending audio.
 """
@@ -67,6 +72,9 @@ HEAD_PIVOT_BELOW_H = 0.35  # the head turns about a point in the neck
 BLINK_TIMES_S = (0.0, 0.04, 0.08, 0.12, 0.16, 0.20, 0.24, 0.28)
 BLINK_CLOSURE = (0.0, 0.45, 0.9, 1.0, 0.75, 0.45, 0.2, 0.0)
 MOTION_FREQ_HZ = (0.04, 0.25)
+CROWN_ABOVE_PIVOT_H = 1.35  # the crown, the point a head turn moves furthest
+HEAD_STEP_PX = 0.35  # the shown head moves on once the drift is this far (at the crown) from it
+MOUTH_SHUT = 1e-3  # an openness and a lip shape below this are a closed mouth at rest
 
 
 class WarpLipSync(LipSyncEngine):
@@ -92,7 +100,7 @@ class WarpLipSync(LipSyncEngine):
         self._lock = threading.Lock()
 
     def warm_up(self) -> None:
-        # Loads OpenCV's remap/affine kernels and thread pool before the first session.
+        # Loads OpenCV's remap/affine kernels before the first session.
         image = np.zeros((64, 64, 3), np.uint8)
         grid = np.zeros((64, 64), np.float32)
         cv2.remap(image, grid, grid, cv2.INTER_LINEAR)
@@ -102,7 +110,7 @@ class WarpLipSync(LipSyncEngine):
         return {
             "engine": "warp",
             "weights": "none: warps the avatar's own pixels",
-            "threads": f"OpenCV's pool ({cv2.getNumThreads()} threads); a frame takes a few ms on one core",
+            "threads": f"{cv2.getNumThreads()} (OpenCV's); a frame takes a few ms on one core",
             "look_ahead_frames": LOOK_AHEAD_FRAMES,
             "settings": self.settings.model_dump(),
         }
@@ -362,6 +370,10 @@ class _MouthPose:
     openness: float  # 0 closed .. 1 fully open
     shape: float  # -1 rounded ('oo') .. 1 spread ('ee')
 
+    @property
+    def at_rest(self) -> bool:
+        return self.openness <= MOUTH_SHUT and abs(self.shape) <= MOUTH_SHUT
+
 
 @dataclass(frozen=True)
 class _AvatarRig:
@@ -397,9 +409,6 @@ class _AvatarRig:
             None if layout.teeth_visible else np.array([178, 188, 198], np.float32) * light,
         )
 
-    def plan_at(self, tick: int) -> _FramePlan:
-        return self.plans[self.frame_index_at(tick)]
-
     def frame_index_at(self, tick: int) -> int:
         """Base frame for a tick: a video avatar plays forwards then backwards so the loop never jumps."""
         count = len(self.plans)
@@ -412,13 +421,15 @@ class _AvatarRig:
         self, plan: _FramePlan, pose: _MouthPose, max_jaw_open: float, closure: float, motion: np.ndarray
     ) -> np.ndarray:
         frame = plan.image.copy()
-        if pose.openness > 1e-3 or abs(pose.shape) > 1e-3:
+        if not pose.at_rest:
             self._render_mouth(frame, plan, pose, max_jaw_open)
         if closure > 0.0:
             for eye in plan.eyes:
                 eye.apply(frame, closure)
         height, width = frame.shape[:2]
-        return cv2.warpAffine(frame, motion, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        moved = cv2.warpAffine(frame, motion, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        moved.flags.writeable = False  # a still frame is handed out again: nobody may paint on it
+        return moved
 
     def _render_mouth(self, frame: np.ndarray, plan: _FramePlan, pose: _MouthPose, max_jaw_open: float) -> None:
         t = plan.mouth
@@ -491,19 +502,30 @@ class _Segment:
 
 
 class _HeadMotion:
-    """Smooth, never-repeating drift: per axis a sum of three slow sines with random frequencies and phases."""
+    """Smooth, never-repeating drift: per axis a sum of three slow sines with random frequencies and phases.
+    A drift is (dx px, dy px, rotation in degrees about the pivot)."""
 
     def __init__(self, rng: np.random.Generator, amplitude_px: float, face_height: float, fps: int) -> None:
         self.frequencies = rng.uniform(*MOTION_FREQ_HZ, size=(3, 3)) * (2.0 * math.pi / fps)
         self.phases = rng.uniform(0.0, 2.0 * math.pi, size=(3, 3))
         weights = rng.uniform(0.5, 1.0, size=(3, 3))
         self.weights = weights / weights.sum(axis=1, keepdims=True)
-        # the crown, about 1.35 face heights above the pivot, moves by about amplitude_px
-        self.scale = np.array([amplitude_px, amplitude_px, math.degrees(amplitude_px / (1.35 * face_height))])
+        self.crown_radius = CROWN_ABOVE_PIVOT_H * face_height
+        # the crown moves by about amplitude_px
+        self.scale = np.array([amplitude_px, amplitude_px, math.degrees(amplitude_px / self.crown_radius)])
 
-    def matrix(self, tick: int, pivot: tuple[float, float]) -> np.ndarray:
-        dx, dy, angle = self.scale * (self.weights * np.sin(self.frequencies * tick + self.phases)).sum(axis=1)
-        matrix = cv2.getRotationMatrix2D(pivot, angle, 1.0)
+    def drift(self, tick: int) -> np.ndarray:
+        return self.scale * (self.weights * np.sin(self.frequencies * tick + self.phases)).sum(axis=1)
+
+    def distance_px(self, a: np.ndarray, b: np.ndarray) -> float:
+        """How far apart two drifts put the crown, at most."""
+        dx, dy, angle = a - b
+        return math.hypot(dx, dy) + abs(math.radians(angle)) * self.crown_radius
+
+    @staticmethod
+    def matrix(drift: np.ndarray, pivot: tuple[float, float]) -> np.ndarray:
+        dx, dy, angle = drift
+        matrix = cv2.getRotationMatrix2D(pivot, float(angle), 1.0)
         matrix[:, 2] += (dx, dy)
         return matrix
 
@@ -521,6 +543,9 @@ class WarpLipSyncStream(SegmentedStream[_Segment]):
         self._rng = np.random.default_rng(settings.seed)
         self._motion = _HeadMotion(self._rng, settings.head_motion_px, rig.plans[0].face_height, fps)
         self._tick = 0
+        self._shown_drift = self._motion.drift(0)  # the head as shown, as of _drift_tick
+        self._drift_tick = 0
+        self._still: tuple[tuple[object, ...], np.ndarray] | None = None  # the last frame and what it showed
         self._next_blink = self._blink_gap()  # the tick the next blink starts
         self._openness = 0.0
         self._shape = 0.0
@@ -543,7 +568,7 @@ class WarpLipSyncStream(SegmentedStream[_Segment]):
             self._openness *= keep
             self._shape *= keep
             self._tick += elapsed_frames - 1
-            return self._render()
+            return self._render(reuse_still=True)
 
     def clear(self) -> None:
         with self._lock:
@@ -627,11 +652,30 @@ class WarpLipSyncStream(SegmentedStream[_Segment]):
             return 0.0
         return float(np.interp(elapsed, BLINK_TIMES_S, BLINK_CLOSURE))
 
-    def _render(self, plan: _FramePlan | None = None, pose: _MouthPose | None = None) -> np.ndarray:
-        plan = self.rig.plan_at(self._tick) if plan is None else plan
+    def _head_drift(self) -> np.ndarray:
+        """The head as shown at this tick: it moves on only once the drift is a visible step away. Every
+        tick is looked at, skipped or not, so the steps fall on the same ticks at any frame rate."""
+        while self._drift_tick < self._tick:
+            self._drift_tick += 1
+            drift = self._motion.drift(self._drift_tick)
+            if self._motion.distance_px(drift, self._shown_drift) > HEAD_STEP_PX:
+                self._shown_drift = drift
+        return self._shown_drift
+
+    def _render(
+        self, plan: _FramePlan | None = None, pose: _MouthPose | None = None, reuse_still: bool = False
+    ) -> np.ndarray:
+        """This tick's frame; with ``reuse_still``, the previous frame itself when it would look the same."""
+        index = self.rig.frame_index_at(self._tick)
+        plan = self.rig.plans[index] if plan is None else plan
         pose = _MouthPose(self._openness, self._shape) if pose is None else pose
         closure = self._closure()
-        motion = self._motion.matrix(self._tick, plan.pivot)
-        frame = self.rig.render(plan, pose, self.settings.max_jaw_open, closure, motion)
+        drift = self._head_drift()
         self._tick += 1
+        looks = (index, None if pose.at_rest else pose, closure, drift.tobytes())
+        if reuse_still and self._still is not None and self._still[0] == looks:
+            return self._still[1]
+        frame = self.rig.render(plan, pose, self.settings.max_jaw_open, closure, self._motion.matrix(drift, plan.pivot))
+        # A painted frame (another engine's mouth on the base) is never the same as the next one.
+        self._still = (looks, frame) if plan is self.rig.plans[index] else None
         return frame

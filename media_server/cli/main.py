@@ -40,7 +40,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["server.host"] = args.host
     if getattr(args, "port", None) is not None:
         overrides["server.port"] = str(args.port)
-    flags = (("tls_cert", "server.tls_cert"), ("tls_key", "server.tls_key"), ("rtmp", "broadcast.rtmp_url"), ("cluster", "cluster.url"))
+    flags = (
+        ("tls_cert", "server.tls_cert"),
+        ("tls_key", "server.tls_key"),
+        ("rtmp", "broadcast.rtmp_url"),
+        ("cluster", "cluster.url"),
+    )
     for flag, key in flags:
         if getattr(args, flag, None):
             overrides[key] = str(getattr(args, flag))
@@ -101,7 +106,18 @@ def _module_command(module: str) -> Callable[[argparse.Namespace], None]:
 BENCHMARKS = {
     name: f"cli.bench.{name}"
     for name in (
-        "turn", "lipsync", "llm", "video", "tts", "startup", "soak", "avatarchatbot", "remote", "cluster", "knowledge"
+        "turn",
+        "lipsync",
+        "llm",
+        "video",
+        "tts",
+        "startup",
+        "soak",
+        "capacity",
+        "avatarchatbot",
+        "remote",
+        "cluster",
+        "knowledge",
     )
 }
 
@@ -168,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=50,
         help="typed turns in one session, to compare turn 50's first token with turn 1's (0: skip)",
+    )
+    bench.add_argument("--quick", action="store_true", help="capacity: fewer and shorter steps (a few minutes)")
+    bench.add_argument("--say", action="store_true", help="capacity: speaking sessions say a sentence (no LLM)")
+    bench.add_argument(
+        "--llm-server",
+        action="store_true",
+        help="capacity: the LLM is llama.cpp's own OpenAI-compatible server (llm.engine=openai), not in-process",
     )
     bench.set_defaults(run=lambda args: _module_command(BENCHMARKS[args.what])(args))
     for name, module, help_text in TOOL_COMMANDS:

@@ -4,9 +4,14 @@ the clock. Audio is the clock.
 Speech comes in as audio (``speak``); the lip-sync stream renders it into AVFrames, each a picture and
 exactly the audio shown with it, and they wait in one queue. One paced loop advances a tick every
 1/fps seconds. Each tick takes exactly one AVFrame (a speech frame from the queue, or an idle frame
-and silence) and hands its audio, split into 20 ms packets, to the audio track and its picture to the
+and silence) and hands its audio, as Opus packets, to the audio track and its picture to the
 video track, both stamped with the same tick. The two tracks are fed from the same queue at the same
 time, so they cannot drift apart however long the session runs.
+
+Idle frames come at the full frame rate too, so a blink is as smooth as speech. A picture that did not
+change (the lip-sync stream hands out the previous one again) is not sent: encoding and sending every
+frame would be most of an idle session's cost. While the picture stays still it is sent again every
+1/idle_fps s, so that players keep a live stream and a keyframe asked for is never long in coming.
 
 A turn's frames play in order; the frame the lip-sync stream marks ``segment_end`` ends the turn.
 Speech may come with a caption (its sentence): the frame its first sample is shown with carries it,
@@ -27,17 +32,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
 
-import av
 import numpy as np
 
 from engines.avatar import Avatar
 from engines.base import AVFrame, LipSyncEngine, PhonemeTiming
 from media_server.config import MediaSettings
-from media_server.media.tracks import OpusEncoder, OutputTrack
+from media_server.media.tracks import OpusEncoder, OutputTrack, picture_frame
 
-AUDIO_PACKET_S = 0.02
+OPUS_PACKETS_S = (fractions.Fraction(40, 1000), fractions.Fraction(20, 1000))  # the longest that fits a tick
 VIDEO_CLOCK_RATE = 90000
 LIPSYNC_PIECE_S = 0.2
+IDLE_FRAMES_AHEAD = 5  # idle frames rendered per trip to the stream's thread (each trip costs two thread switches)
 # Two frames at 25 fps (one to show, one the renderer looks ahead into), then two more while it plays.
 TURN_START_LIPSYNC_PIECES_S = (0.08, 0.08)
 
@@ -66,10 +71,17 @@ class QueuedFrame:
 
 
 PlaybackListener = Callable[[PlaybackEvent], None]
-# Every tick's picture (BGR; None when idle video skipped the tick) and audio (float32 mono).
+# Every tick's picture (BGR; None when it did not change since the previous tick) and audio (float32 mono).
 FrameListener = Callable[[np.ndarray | None, np.ndarray], None]
-# Each 20 ms of audio (int16) as the audio track's consumer takes it, and when.
+# Each packet's audio (int16) as the audio track's consumer takes it, and when.
 SentAudioListener = Callable[[np.ndarray, float], None]
+
+
+def audio_packet_s(fps: int) -> float:
+    """A tick's audio leaves at once, so packets as long as a tick delay nothing, and the WebRTC sender's
+    work (in Python) is per packet, whatever its length. At 25 fps: one 40 ms packet a tick."""
+    tick = fractions.Fraction(1, fps)
+    return float(next((packet for packet in OPUS_PACKETS_S if tick % packet == 0), OPUS_PACKETS_S[-1]))
 
 
 def lipsync_pieces(samples: int, rate: int, turn_starts: bool) -> list[tuple[int, int]]:
@@ -99,7 +111,7 @@ class AvatarOutput:
         self.fps = media.fps
         self.sample_rate = media.sample_rate
         self.samples_per_frame = media.sample_rate // media.fps
-        self.idle_stride = max(1, round(media.fps / media.idle_fps))
+        self.still_stride = max(1, round(media.fps / media.idle_fps))
         self.audio = OutputTrack("audio")
         self.video = OutputTrack("video")
         self._playback_listeners: list[PlaybackListener] = []
@@ -109,6 +121,7 @@ class AvatarOutput:
         self._on_late_tick = on_late_tick
         self.paused = False
         self._queue: deque[QueuedFrame] = deque()
+        self._idle_ahead: deque[np.ndarray] = deque()
         self._held: dict[int, list[QueuedFrame]] = {}
         self._rendering: tuple[int, bool] | None = None  # (turn, whether its first frames are rendered)
         # The rendering turn's segment: samples pushed, frames queued, and captions waiting for their frame.
@@ -119,10 +132,12 @@ class AvatarOutput:
         self._silence = np.zeros(self.samples_per_frame, dtype=np.float32)
         self._gap_ticks = 0
         self._longest_gap_ticks = 0
-        self._last_picture_tick = -1
-        self._pending_pcm = np.zeros(0, dtype=np.int16)  # audio not yet a whole 20 ms packet
+        self._shown: np.ndarray | None = None  # the picture on screen
+        self._video_tick = 0  # when the video track was last given a frame
+        self._pending_pcm = np.zeros(0, dtype=np.int16)  # audio not yet a whole packet
         self._audio_samples_sent = 0
-        self._opus = OpusEncoder(media.sample_rate)
+        self.audio_packet_s = audio_packet_s(media.fps)
+        self._opus = OpusEncoder(media.sample_rate, self.audio_packet_s)
         self._closed = False
 
     # --- listeners -------------------------------------------------------------------------
@@ -217,6 +232,9 @@ class AvatarOutput:
         self._stream.push_audio(audio, phonemes)
         return self._stream.pull()
 
+    def _idle_frames(self) -> list[np.ndarray]:
+        return [self._stream.idle_frame() for _ in range(IDLE_FRAMES_AHEAD)]
+
     def _finish(self) -> list[AVFrame]:
         self._stream.end_segment()
         return self._stream.pull()
@@ -261,21 +279,20 @@ class AvatarOutput:
 
     async def play_tick(self) -> None:
         """One tick, now: the next speech frame (or an idle frame and silence) goes out."""
-        loop = asyncio.get_running_loop()
-        picture: np.ndarray | None
         if self._queue and not self.paused:
             queued: QueuedFrame | None = self._queue.popleft()
             picture, audio = queued.frame.video, queued.frame.audio
+            self._idle_ahead.clear()
         else:
             queued, audio = None, self._silence
-            # Idle video runs at a lower rate: encoding every frame is most of an idle session's cost.
-            picture = None
-            if self.tick % self.idle_stride == 0:
-                elapsed = self.tick - self._last_picture_tick
-                picture = await loop.run_in_executor(self._executor, self._stream.idle_frame, elapsed)
-        self._send(picture, audio)
+            if not self._idle_ahead:
+                loop = asyncio.get_running_loop()
+                self._idle_ahead.extend(await loop.run_in_executor(self._executor, self._idle_frames))
+            picture = self._idle_ahead.popleft()
+        changed = picture is not self._shown
+        self._send(picture, changed, audio)
         for listener in self._frame_listeners:
-            listener(picture, audio)
+            listener(picture if changed else None, audio)
         if queued is not None:
             self._report(queued)
         elif self._playing_turn is not None and not self.paused:
@@ -300,17 +317,17 @@ class AvatarOutput:
         for listener in self._playback_listeners:
             listener(event)
 
-    def _send(self, picture: np.ndarray | None, audio: np.ndarray) -> None:
-        if picture is not None:
-            self._last_picture_tick = self.tick
-            video_frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
+    def _send(self, picture: np.ndarray, changed: bool, audio: np.ndarray) -> None:
+        if changed or self.tick - self._video_tick >= self.still_stride:
+            self._shown, self._video_tick = picture, self.tick
+            video_frame = picture_frame(picture)
             video_frame.pts = self.tick * VIDEO_CLOCK_RATE // self.fps
             video_frame.time_base = fractions.Fraction(1, VIDEO_CLOCK_RATE)
             self.video.offer(video_frame)
             self.frames_sent += 1
         pcm = (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
         self._pending_pcm = np.concatenate([self._pending_pcm, pcm])
-        packet = int(self.sample_rate * AUDIO_PACKET_S)
+        packet = round(self.sample_rate * self.audio_packet_s)
         while len(self._pending_pcm) >= packet:
             for encoded in self._opus.encode(self._pending_pcm[:packet], self._audio_samples_sent):
                 self.audio.offer(encoded)

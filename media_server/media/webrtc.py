@@ -1,6 +1,7 @@
 """How Facecast configures aiortc peer connections: ICE servers from the settings (and no others), and
-what aiortc does not expose: how long received audio waits in the jitter buffer, the video encoder's
-settings (see RenderedVideoVp8Encoder), and tolerance of malformed data-channel messages.
+what aiortc does not expose: how long received audio waits in the jitter buffer and where it is
+decoded, the video encoder's settings (see RenderedVideoVp8Encoder), and tolerance of malformed
+data-channel messages.
 
 aiortc hands a received audio packet to the decoder only once four more have arrived, ~80 ms at
 20 ms per packet. Every millisecond of it delays the VAD: the end of the user's turn, and the
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import struct
 
 import av
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpCodecParameters
+from aiortc.codecs import Decoder, get_decoder
 from aiortc.codecs.vpx import Vp8Encoder, number_of_threads
 from aiortc.mediastreams import MediaStreamTrack
 from aiortc.rtcsctptransport import WEBRTC_STRING, RTCSctpTransport
@@ -71,6 +74,51 @@ def set_audio_jitter_buffer(pc: RTCPeerConnection, track: MediaStreamTrack, pack
                 buffer._prefetch = packets
                 return True
     log.warning("could not set the audio jitter buffer: this aiortc version keeps it elsewhere")
+    return False
+
+
+class DecodeOnTheLoop(queue.Queue):
+    """Stands in for the queue of aiortc's decoder thread for one audio receiver. aiortc hands every
+    received frame to a thread of its own to decode, and the decoded frame back to the event loop: for a
+    microphone, two thread switches every 20 ms, per session, around a decode of some tens of
+    microseconds. Here the frame is decoded where it arrives, on the event loop, and goes straight to the
+    track. Only the end of the stream (None) still reaches aiortc's thread, idle until then, which ends
+    the track as it always does."""
+
+    def __init__(self, track: MediaStreamTrack) -> None:
+        super().__init__()
+        self._decoded = track._queue  # type: ignore[attr-defined]  # aiortc's RemoteStreamTrack
+        self._decoder: tuple[str, Decoder] | None = None
+
+    def put(
+        self, item: tuple[RTCRtpCodecParameters, object] | None, block: bool = True, timeout: float | None = None
+    ) -> None:
+        if item is None:
+            super().put(item, block, timeout)
+            return
+        codec, encoded_frame = item
+        if self._decoder is None or self._decoder[0] != codec.name:
+            self._decoder = (codec.name, get_decoder(codec))
+        try:
+            frames = self._decoder[1].decode(encoded_frame)  # type: ignore[arg-type]
+        except av.FFmpegError as error:  # a corrupt packet: the decoder keeps its state for the next one
+            log.debug("dropped an audio frame that does not decode: %s", error)
+            return
+        for frame in frames:
+            self._decoded.put_nowait(frame)
+
+
+def decode_audio_on_the_loop(pc: RTCPeerConnection, track: MediaStreamTrack) -> bool:
+    """Decode the received audio ``track`` on the event loop (see DecodeOnTheLoop). Call it when the track
+    arrives, before the connection starts its receiver; False if aiortc's internals moved (its own
+    decoder thread then goes on decoding)."""
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        not_started = getattr(receiver, "_RTCRtpReceiver__decoder_thread", False) is None
+        if receiver.track is track and not_started and hasattr(track, "_queue"):
+            receiver._RTCRtpReceiver__decoder_queue = DecodeOnTheLoop(track)
+            return True
+    log.warning("could not decode received audio on the event loop: this aiortc version keeps its decoder elsewhere")
     return False
 
 

@@ -11,7 +11,12 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamTrack
 
 from media_server.conversation.events import Error, Event, Pong, SessionInfo, StateChanged
-from media_server.media.webrtc import rtc_configuration, set_audio_jitter_buffer, use_rendered_video_encoder
+from media_server.media.webrtc import (
+    decode_audio_on_the_loop,
+    rtc_configuration,
+    set_audio_jitter_buffer,
+    use_rendered_video_encoder,
+)
 from media_server.sessions.base import MediaSession, SessionSetup
 from media_server.sessions.messages import BadMessage, Interrupt, Ping, Say, Text, client_message
 
@@ -47,6 +52,7 @@ class TalkSession(MediaSession):
         if track.kind == "audio" and not self.has_microphone:
             self.has_microphone = True
             set_audio_jitter_buffer(self.pc, track, self.settings.media.mic_jitter_buffer_packets)
+            decode_audio_on_the_loop(self.pc, track)
             self.spawn(self.conversation.consume_microphone(track), "microphone")
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:

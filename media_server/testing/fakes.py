@@ -188,7 +188,8 @@ class NumberedStream(LipSyncStream):
         self._pending = np.zeros(0, np.float32)
         self._ended = False
         self._number = 0
-        self.idle_elapsed: list[int] = []
+        self._idle = numbered_picture(0)
+        self._idle.flags.writeable = False  # handed out again and again, as a still picture is
 
     def push_audio(self, audio: np.ndarray, phonemes: tuple[PhonemeTiming, ...] | None = None) -> None:
         if self._ended:
@@ -213,8 +214,7 @@ class NumberedStream(LipSyncStream):
         return AVFrame(numbered_picture(self._number), audio.copy())
 
     def idle_frame(self, elapsed_frames: int = 1) -> np.ndarray:
-        self.idle_elapsed.append(elapsed_frames)
-        return numbered_picture(0)
+        return self._idle
 
     def clear(self) -> None:
         self._pending = np.zeros(0, np.float32)

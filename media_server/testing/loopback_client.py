@@ -24,7 +24,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from engines.audio import resample
 from media_server.media.timeline import OpusEncoder
-from media_server.media.webrtc import set_audio_jitter_buffer
+from media_server.media.webrtc import decode_audio_on_the_loop, set_audio_jitter_buffer
 
 MIC_RATE = 48000
 PACKET = 960  # 20 ms at 48 kHz
@@ -273,8 +273,10 @@ class LoopbackClient:
         self._new_event.set()
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio" and self.audio_jitter_buffer_packets is not None:
-            set_audio_jitter_buffer(self.pc, track, self.audio_jitter_buffer_packets)
+        if track.kind == "audio":
+            decode_audio_on_the_loop(self.pc, track)
+            if self.audio_jitter_buffer_packets is not None:
+                set_audio_jitter_buffer(self.pc, track, self.audio_jitter_buffer_packets)
         self._readers.append(asyncio.create_task(self._read(track)))
 
     async def _read(self, track: MediaStreamTrack) -> None:

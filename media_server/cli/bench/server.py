@@ -90,7 +90,7 @@ class ServerProcess:
         raise KeyError(name)
 
 
-def quiet_client(server: ServerProcess) -> LoopbackClient:
+def quiet_client(server: ServerProcess, keep_audio: bool = True) -> LoopbackClient:
     # A browser on a quiet network plays audio out within a packet or two; aiortc's fixed 80 ms would
     # be the test client's delay, not the server's.
-    return LoopbackClient(server.url, keep_video=False, audio_jitter_buffer_packets=1)
+    return LoopbackClient(server.url, keep_video=False, keep_audio=keep_audio, audio_jitter_buffer_packets=1)

@@ -21,6 +21,7 @@ import numpy as np
 
 from engines.base import TTSEngine, primary_language
 from engines.registry import create_engine
+from media_server.cli.bench.output import percentiles
 from media_server.cli.bench.server import ServerProcess, free_ports, quiet_client
 from media_server.config import ConfigError, Settings
 from media_server.metrics import STAGES
@@ -86,14 +87,6 @@ def _persona_language(settings: Settings, variant: list[str]) -> str:
     if persona is None:
         raise ConfigError(f"server.default_persona {chosen!r} is not one of the personas: {', '.join(settings.personas)}")
     return persona.language
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"p50": round(statistics.median(ordered), 1), "p95": round(p95, 1), "n": len(ordered)}
 
 
 async def _ask(client: LoopbackClient, question: str, audio: np.ndarray, rate: int) -> dict[str, object]:
@@ -175,16 +168,14 @@ async def _run_turns(servers: dict[str, ServerProcess], clips: dict[str, list]) 
 
 
 def summarise(turns: list[dict[str, object]], idle: dict[str, float]) -> dict[str, object]:
-    stages = {
-        stage: _percentiles([t["server_ms"][stage] for t in turns if stage in t["server_ms"]]) for stage in STAGES
-    }
+    stages = {stage: percentiles([t["server_ms"][stage] for t in turns if stage in t["server_ms"]]) for stage in STAGES}
     client_side = [t["client_end_of_speech_to_audio_ms"] for t in turns if t["client_end_of_speech_to_audio_ms"]]
     return {
         "turns": len(turns),
         "first_turn_first_audio_sent_ms": turns[0]["server_ms"].get("first_audio_sent") if turns else None,
         "stages_from_end_of_speech_ms": stages,
-        "client_end_of_speech_to_first_audio_ms": _percentiles(client_side),
-        "longest_gap_in_a_reply_ms": _percentiles([t["longest_gap_ms"] for t in turns]),
+        "client_end_of_speech_to_first_audio_ms": percentiles(client_side),
+        "longest_gap_in_a_reply_ms": percentiles([t["longest_gap_ms"] for t in turns]),
         "mean_wer": round(statistics.mean(t["wer"] for t in turns), 3),
         "mean_wer_by_voice": {
             voice: round(statistics.mean(t["wer"] for t in turns if t["voice"] == voice), 3)
@@ -286,8 +277,8 @@ def _run_configurations(
     for name in servers:
         summary = summarise(turns[name], idle if name == DEFAULT else {})
         if args.barge_ins:
-            summary["barge_in_heard_stopping_after_ms"] = _percentiles(barge_ins[name]["heard"])
-            summary["barge_in_server_stopped_after_ms"] = _percentiles(barge_ins[name]["server"])
+            summary["barge_in_heard_stopping_after_ms"] = percentiles(barge_ins[name]["heard"])
+            summary["barge_in_server_stopped_after_ms"] = percentiles(barge_ins[name]["server"])
         if memory and name == DEFAULT:
             summary["long_conversation"] = memory
         results[name] = {"summary": summary, "turns": turns[name]}

@@ -3,7 +3,7 @@
 Both encode the same frames: the default avatar speaking a few sentences (the configured lip-sync
 engine, the project's voice) and then idling. The two encoders take turns, a whole pass each, for
 several rounds, so a change in machine load hits both alike. Per encoder: the median time to encode a
-frame (colour conversion included, as the WebRTC sender does it), the mean PSNR of the frames as a
+frame (the conversion to yuv420p included, as the timeline does it), the mean PSNR of the frames as a
 receiver decodes them, and the bitrate.
 """
 
@@ -24,6 +24,7 @@ from engines.base import LipSyncEngine, TTSEngine
 from engines.registry import create_engine
 from media_server.cli.bench.output import print_summary
 from media_server.config import MediaSettings, Settings
+from media_server.media.tracks import picture_frame
 from media_server.media.webrtc import RenderedVideoVp8Encoder
 
 ENCODERS: dict[str, type[Vp8Encoder]] = {"rendered": RenderedVideoVp8Encoder, "aiortc": Vp8Encoder}
@@ -51,7 +52,7 @@ def encode_frames(encoder: Vp8Encoder, frames: list[np.ndarray], fps: int) -> tu
     """(seconds per frame, each encoded frame as a receiver reassembles it from its RTP payloads)."""
     seconds, encoded = [], []
     for index, picture in enumerate(frames):
-        frame = av.VideoFrame.from_ndarray(picture, format="bgr24")
+        frame = picture_frame(picture)
         frame.pts, frame.time_base = index, fractions.Fraction(1, fps)
         started = time.perf_counter()
         payloads, _ = encoder.encode(frame)
