@@ -177,7 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--barge-ins", type=int, default=10, help="interruptions to measure")
     bench.add_argument("--minutes", type=float, default=30.0, help="soak: how long the session talks")
     bench.add_argument("--clients", type=int, default=6, help="cluster: pages talking at once")
-    bench.add_argument("--quick", action="store_true", help="cluster: 2 pages, 2 questions each, fewer chunks")
     bench.add_argument("--every", type=float, default=20.0, help="soak: seconds from one question to the next")
     bench.add_argument(
         "--long-turns",
@@ -185,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=50,
         help="typed turns in one session, to compare turn 50's first token with turn 1's (0: skip)",
     )
-    bench.add_argument("--quick", action="store_true", help="capacity: fewer and shorter steps (a few minutes)")
+    bench.add_argument(
+        "--quick", action="store_true", help="capacity: fewer and shorter steps; cluster: 2 pages, 2 questions each"
+    )
     bench.add_argument("--say", action="store_true", help="capacity: speaking sessions say a sentence (no LLM)")
     bench.add_argument(
         "--llm-server",

@@ -122,6 +122,7 @@ class AvatarOutput:
         self.paused = False
         self._queue: deque[QueuedFrame] = deque()
         self._idle_ahead: deque[np.ndarray] = deque()
+        self._idle_rendering: asyncio.Future[list[np.ndarray]] | None = None
         self._held: dict[int, list[QueuedFrame]] = {}
         self._rendering: tuple[int, bool] | None = None  # (turn, whether its first frames are rendered)
         # The rendering turn's segment: samples pushed, frames queued, and captions waiting for their frame.
@@ -283,12 +284,10 @@ class AvatarOutput:
             queued: QueuedFrame | None = self._queue.popleft()
             picture, audio = queued.frame.video, queued.frame.audio
             self._idle_ahead.clear()
+            self._idle_rendering = None
         else:
             queued, audio = None, self._silence
-            if not self._idle_ahead:
-                loop = asyncio.get_running_loop()
-                self._idle_ahead.extend(await loop.run_in_executor(self._executor, self._idle_frames))
-            picture = self._idle_ahead.popleft()
+            picture = await self._idle_picture()
         changed = picture is not self._shown
         self._send(picture, changed, audio)
         for listener in self._frame_listeners:
@@ -299,6 +298,20 @@ class AvatarOutput:
             self._gap_ticks += 1  # mid-reply, nothing rendered in time: a gap the listener hears
             self._longest_gap_ticks = max(self._longest_gap_ticks, self._gap_ticks)
         self.tick += 1
+
+    async def _idle_picture(self) -> np.ndarray:
+        """The next idle picture, the next ones rendered before they are needed. Once a picture is on screen
+        the clock never waits for the stream's thread: while that thread is busy (rendering speech, or
+        waiting for a late remote worker), the picture on screen stays, and the audio, the clock, goes on."""
+        rendering = self._idle_rendering
+        if rendering is not None and (rendering.done() or self._shown is None):
+            self._idle_ahead.extend(await rendering)
+            self._idle_rendering = rendering = None
+        if rendering is None and len(self._idle_ahead) <= 1:
+            self._idle_rendering = asyncio.get_running_loop().run_in_executor(self._executor, self._idle_frames)
+            if self._shown is None and not self._idle_ahead:  # the very first picture: there is none to show yet
+                return await self._idle_picture()
+        return self._idle_ahead.popleft() if self._idle_ahead else self._shown  # type: ignore[return-value]
 
     def _report(self, queued: QueuedFrame) -> None:
         now = time.monotonic()
