@@ -25,7 +25,8 @@ from aiohttp import web
 
 from engines.llm.openai import OpenAILLM
 from media_server.http.app import create_app
-from media_server.runtime import Runtime
+from media_server.config import PersonaSettings
+from media_server.runtime import Runtime, profiles_from
 from media_server.testing.llama_server import LlamaServer, running_llama_server
 from media_server.testing.loopback_client import LoopbackClient
 from media_server.testing.processes import free_port
@@ -35,8 +36,24 @@ from tests.browser_support import ServerProcess
 from tests.test_openai_engines import SERVER_SAW_CLIENT_GO, event_stream, model_server, sse_chunk
 
 QUESTION = "What is the capital of France?"
-STORY = "Tell me a very long story about a dragon."
-LONG_REPLY_TOKENS = 1500  # the base model goes on until max_tokens: long enough to be interrupted
+STORY = "Tell me a story about a dragon."
+LONG_REPLY_TOKENS = 1500  # the storyteller goes on until max_tokens (~30 s of generation): long enough to be interrupted
+# The default personas are taught to answer in a sentence or two; this one, by its example, at length.
+STORYTELLER = PersonaSettings(
+    display_name="Storyteller",
+    system_prompt="The storyteller tells long, detailed stories with many events.",
+    examples=[
+        (
+            "Tell me a story about a cat.",
+            "Once upon a time, in a little village by the sea, there lived a grey cat called Tom. Every morning Tom"
+            " walked down to the harbour to watch the fishing boats come home. One day a storm came, and the boats"
+            " did not return. Tom waited on the pier all night, through the wind and the rain. At dawn he saw a"
+            " light far out on the water, and he ran along the pier, meowing as loud as he could, so the fishermen"
+            " could find their way to the harbour. From that day on, the whole village called him Tom the"
+            " Lighthouse Cat, and every fisherman brought him a fish.",
+        )
+    ],
+)
 
 
 def final_reply(event: dict) -> bool:
@@ -55,15 +72,20 @@ def with_llm(runtime: Runtime, llm: OpenAILLM) -> Runtime:
     return dataclasses.replace(runtime, engines=dataclasses.replace(runtime.engines, llm=llm))
 
 
+def with_storyteller(runtime: Runtime) -> Runtime:
+    settings = runtime.settings.model_copy(update={"personas": {**runtime.settings.personas, "storyteller": STORYTELLER}})
+    return dataclasses.replace(runtime, settings=settings, personas=profiles_from(settings))
+
+
 @pytest_asyncio.fixture
 async def connect() -> AsyncIterator:
     """Connect loopback WebRTC clients to a server; each is closed after the test."""
     clients: list[LoopbackClient] = []
 
-    async def connected(base_url: str) -> LoopbackClient:
+    async def connected(base_url: str, **choices: str) -> LoopbackClient:
         client = LoopbackClient(base_url)
         clients.append(client)
-        await client.connect()
+        await client.connect(**choices)
         return client
 
     yield connected
@@ -94,7 +116,7 @@ async def test_a_spoken_turn_and_a_barge_in_with_the_llm_on_llama_cpps_server(
 ) -> None:
     llm = OpenAILLM(OpenAILLM.Settings(base_url=llama_server.base_url, max_tokens=LONG_REPLY_TOKENS, temperature=0.0))
     try:
-        async with served(create_app(with_llm(runtime, llm))) as base_url:
+        async with served(create_app(with_storyteller(with_llm(runtime, llm)))) as base_url:
             client = await connect(base_url)
             asked = time.monotonic()
             client.microphone.say(*espeak(QUESTION))
@@ -103,18 +125,19 @@ async def test_a_spoken_turn_and_a_barge_in_with_the_llm_on_llama_cpps_server(
             reply, heard = await spoken_answer(client, asked)
             assert "paris" in reply["text"].lower() and rms(heard) > 0.02, reply["text"]
 
+            storyteller = await connect(base_url, persona="storyteller")
             disconnects = llama_server.lines_with(SERVER_SAW_CLIENT_GO)
             sent = time.monotonic()
-            client.send({"type": "text", "text": STORY})
-            speaking = await client.wait_for(is_state("speaking"), timeout=60, after=sent)
-            speaking_at = next(at for at, e in client.events if e is speaking)
+            storyteller.send({"type": "text", "text": STORY})
+            speaking = await storyteller.wait_for(is_state("speaking"), timeout=60, after=sent)
+            speaking_at = next(at for at, e in storyteller.events if e is speaking)
             await asyncio.sleep(1.0)
-            client.microphone.say(*espeak("Stop, please stop.", words_per_minute=150))
-            interrupted = await client.wait_for(lambda e: e.get("type") == "interrupted", 20, speaking_at)
+            storyteller.microphone.say(*espeak("Stop, please stop.", words_per_minute=150))
+            interrupted = await storyteller.wait_for(lambda e: e.get("type") == "interrupted", 20, speaking_at)
             assert interrupted["reason"] == "barge-in"
             # The server itself says the client went away: it stopped generating the story.
             assert await asyncio.to_thread(llama_server.wait_for_lines_with, SERVER_SAW_CLIENT_GO, disconnects + 1, 10)
-            assert not client.events_of("error")
+            assert not client.events_of("error") and not storyteller.events_of("error")
     finally:
         llm.close()
 
