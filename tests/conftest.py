@@ -14,6 +14,7 @@ from media_server.config import load_settings
 from media_server.http.app import create_app
 from media_server.http.state import SESSIONS
 from media_server.runtime import Runtime
+from media_server.testing.harness import Scripted
 from media_server.testing.loopback_client import LoopbackClient
 
 MAX_TEST_SESSIONS = 3
@@ -80,3 +81,16 @@ async def client_factory(live_server: LiveServer) -> AsyncIterator:
             await client.close()
     for session in list(live_server.app[SESSIONS].talks.values()):
         await session.close()
+
+
+@pytest_asyncio.fixture
+async def scripted():
+    made: list[Scripted] = []
+
+    def make(**kwargs: object) -> Scripted:
+        made.append(Scripted(**kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for conversation in made:
+        await conversation.close()

@@ -26,7 +26,7 @@ from media_server.cli.main import _settings, build_parser
 from media_server.http.state import METRICS, SESSIONS
 from media_server.media.webrtc import rtc_configuration
 from media_server.runtime import Runtime
-from media_server.testing.harness import served
+from media_server.testing.harness import runtime_served
 from media_server.testing.loopback_client import LoopbackClient
 
 
@@ -60,7 +60,7 @@ async def server(runtime: Runtime, **overrides: object) -> AsyncIterator[tuple[s
     settings = runtime.settings.model_copy(
         update={"server": runtime.settings.server.model_copy(update=overrides)}
     )
-    async with served(dataclasses.replace(runtime, settings=settings)) as (base_url, app):
+    async with runtime_served(dataclasses.replace(runtime, settings=settings)) as (base_url, app):
         yield base_url, app
 
 

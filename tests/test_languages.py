@@ -17,7 +17,7 @@ from media_server.config import ConfigError, load_settings
 from media_server.conversation.persona import SLOWER_FACTOR, PersonaProfile
 from media_server.runtime import personas_from, profiles_from
 from media_server.testing.fakes import FixedASR, ScriptedKnowledge, ScriptedLLM
-from tests.test_turn_state_machine import Scripted, scripted  # noqa: F401 - the fixture
+from media_server.testing.harness import Scripted
 
 GERMAN = Persona("de", "German teacher", "Die Deutschlehrerin spricht nur Deutsch.", language="de")
 REPLY = ("Die Hauptstadt", " von Deutschland", " ist Berlin.", " Das weißt du sicher.")

@@ -27,7 +27,7 @@ from engines.tts.piper.engine import PiperTTS, voice_languages
 from engines.tts.voices import best_voice
 from media_server.conversation.knowledge import Knowledge
 from media_server.runtime import Runtime
-from media_server.testing.harness import served
+from media_server.testing.harness import runtime_served
 from media_server.testing.knowledge_corpus import pdf_bytes
 from media_server.testing.loopback_client import LoopbackClient
 from media_server.testing.speech_corpus import espeak
@@ -182,7 +182,7 @@ async def expert(runtime: Runtime, tmp_path_factory: pytest.TempPathFactory) -> 
     settings = runtime.settings.model_copy(update={"knowledge": knowledge})
     own = dataclasses.replace(runtime, settings=settings, knowledge=Knowledge(knowledge))
     try:
-        async with served(own) as (base_url, _):
+        async with runtime_served(own) as (base_url, _):
             yield base_url, own
     finally:
         own.knowledge.close()

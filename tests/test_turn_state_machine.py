@@ -5,109 +5,11 @@ out the same however busy the machine is."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
-import numpy as np
-import pytest_asyncio
-
-from engines.base import Persona
-from media_server.config import load_settings
-from media_server.conversation.persona import PersonaProfile
 from media_server.testing.fakes import (
-    FixedASR,
-    ScriptedKnowledge,
     ScriptedLLM,
-    ScriptedVAD,
     ToneTTS,
-    blank_avatar,
-    picture_number,
-    scripted_engines,
 )
-from media_server.testing.harness import BareConversation, bare_conversation, settings_with
-
-PERSONA = Persona("tester", "Tester", "A test persona.")
-WINDOW = np.zeros(ScriptedVAD.window_samples, np.float32)
-
-
-class Scripted:
-    """A bare conversation on scripted engines, with the test's hands on its microphone and its clock."""
-
-    def __init__(
-        self,
-        llm: ScriptedLLM | None = None,
-        tts: ToneTTS | None = None,
-        asr: FixedASR | None = None,
-        persona: Persona | PersonaProfile = PERSONA,
-        knowledge: ScriptedKnowledge | None = None,
-        **changes: object,
-    ) -> None:
-        self.vad, self.asr = ScriptedVAD(), asr or FixedASR()
-        self.llm, self.tts = llm or ScriptedLLM(), tts or ToneTTS()
-        engines = scripted_engines(vad=self.vad, asr=self.asr, llm=self.llm, tts=self.tts)
-        settings = settings_with(load_settings(None, {}, environ={}), **changes)
-        self.bare: BareConversation = bare_conversation(settings, engines, blank_avatar(), persona, "tone", knowledge)
-        self.conversation, self.output, self.events = self.bare.conversation, self.bare.output, self.bare.events
-        self.pictures: list[int] = []
-        self.output.add_frame_listener(self._seen)
-
-    def _seen(self, picture: np.ndarray | None, audio: np.ndarray) -> None:
-        if picture is not None:  # None: the picture did not change
-            self.pictures.append(picture_number(picture))
-
-    async def hear(self, seconds: float, probability: float = 0.9, tick: bool = False) -> None:
-        """The user is heard for ``seconds`` (voice, or silence at a low probability), window by window; with
-        ``tick``, the output plays in step, a tick per 40 ms of microphone audio."""
-        heard = 0.0
-        for _ in range(self.vad.speak(seconds, probability)):
-            self.conversation.listener.on_window(WINDOW, time.monotonic())
-            heard += ScriptedVAD.window_samples / ScriptedVAD.sample_rate
-            while tick and heard >= 1 / self.output.fps:
-                heard -= 1 / self.output.fps
-                await self.output.play_tick()
-            await asyncio.sleep(0)
-
-    async def until(self, condition: Callable[[], bool], ticking: bool = False, timeout: float = 5.0) -> None:
-        """Let the conversation work (and the clock tick, with ``ticking``) until ``condition()``."""
-        async with asyncio.timeout(timeout):
-            while not condition():
-                if ticking:
-                    await self.output.play_tick()
-                await asyncio.sleep(0.002)
-
-    def types(self) -> list[str]:
-        return [describe(event) for event in self.events]
-
-    def has(self, description: str) -> Callable[[], bool]:
-        return lambda: description in self.types()
-
-    async def close(self) -> None:
-        await self.bare.close()
-
-
-def describe(event: dict[str, object]) -> str:
-    if event["type"] == "state":
-        return f"state:{event['state']}"
-    if event["type"] == "reply":
-        return "reply:final" + (":interrupted" if event.get("interrupted") else "") if event["final"] else "reply:delta"
-    if event["type"] == "transcript":
-        return "transcript:" + ("typed" if event.get("typed") else "final" if event["final"] else "partial")
-    if event["type"] == "metrics":
-        return "metrics:latency" if "latency_ms" in event else "metrics:gap"
-    return str(event["type"])
-
-
-@pytest_asyncio.fixture
-async def scripted():
-    made: list[Scripted] = []
-
-    def make(**kwargs: object) -> Scripted:
-        made.append(Scripted(**kwargs))  # type: ignore[arg-type]
-        return made[-1]
-
-    yield make
-    for conversation in made:
-        await conversation.close()
 
 
 async def test_a_typed_turn_goes_thinking_speaking_listening_with_every_event_in_order(scripted) -> None:

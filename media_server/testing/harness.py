@@ -1,17 +1,20 @@
-"""What the tests drive directly: a conversation and its avatar output without a session or a peer, and a
-runtime's server on a free port."""
+"""What the tests drive directly: a conversation and its avatar output without a session or a peer (on
+scripted engines: ``Scripted``), and a runtime's server on a free port."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from aiohttp import web
 
 from engines.avatar import Avatar
 from engines.base import EngineSet, Persona
-from media_server.config import Settings
+from media_server.config import Settings, load_settings
 from media_server.conversation.conversation import Conversation
 from media_server.conversation.events import Event
 from media_server.conversation.knowledge import Retriever
@@ -21,6 +24,17 @@ from media_server.http.state import SESSIONS
 from media_server.media.timeline import AvatarOutput
 from media_server.metrics import ServerMetrics
 from media_server.runtime import Runtime
+from media_server.testing.fakes import (
+    FixedASR,
+    ScriptedKnowledge,
+    ScriptedLLM,
+    ScriptedVAD,
+    ToneTTS,
+    blank_avatar,
+    picture_number,
+    scripted_engines,
+)
+from media_server.testing.servers import served
 
 SECTIONS = ("turn_taking", "reply", "memory", "echo", "deadlines", "media")
 
@@ -76,15 +90,82 @@ def bare_conversation(
 
 
 @contextlib.asynccontextmanager
-async def served(runtime: Runtime) -> AsyncIterator[tuple[str, web.Application]]:
+async def runtime_served(runtime: Runtime) -> AsyncIterator[tuple[str, web.Application]]:
     """``runtime``'s server on a free port of this machine: (its base URL, its app); its sessions are closed after."""
     app = create_app(runtime)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", app
-    finally:
-        await app[SESSIONS].close_all()
-        await runner.cleanup()
+    async with served(app) as base_url:
+        try:
+            yield base_url, app
+        finally:
+            await app[SESSIONS].close_all()
+
+
+PERSONA = Persona("tester", "Tester", "A test persona.")
+WINDOW = np.zeros(ScriptedVAD.window_samples, np.float32)
+
+
+class Scripted:
+    """A bare conversation on scripted engines, with the test's hands on its microphone and its clock."""
+
+    def __init__(
+        self,
+        llm: ScriptedLLM | None = None,
+        tts: ToneTTS | None = None,
+        asr: FixedASR | None = None,
+        persona: Persona | PersonaProfile = PERSONA,
+        knowledge: ScriptedKnowledge | None = None,
+        **changes: object,
+    ) -> None:
+        self.vad, self.asr = ScriptedVAD(), asr or FixedASR()
+        self.llm, self.tts = llm or ScriptedLLM(), tts or ToneTTS()
+        engines = scripted_engines(vad=self.vad, asr=self.asr, llm=self.llm, tts=self.tts)
+        settings = settings_with(load_settings(None, {}, environ={}), **changes)
+        self.bare: BareConversation = bare_conversation(settings, engines, blank_avatar(), persona, "tone", knowledge)
+        self.conversation, self.output, self.events = self.bare.conversation, self.bare.output, self.bare.events
+        self.pictures: list[int] = []
+        self.output.add_frame_listener(self._seen)
+
+    def _seen(self, picture: np.ndarray | None, audio: np.ndarray) -> None:
+        if picture is not None:  # None: the picture did not change
+            self.pictures.append(picture_number(picture))
+
+    async def hear(self, seconds: float, probability: float = 0.9, tick: bool = False) -> None:
+        """The user is heard for ``seconds`` (voice, or silence at a low probability), window by window; with
+        ``tick``, the output plays in step, a tick per 40 ms of microphone audio."""
+        heard = 0.0
+        for _ in range(self.vad.speak(seconds, probability)):
+            self.conversation.listener.on_window(WINDOW, time.monotonic())
+            heard += ScriptedVAD.window_samples / ScriptedVAD.sample_rate
+            while tick and heard >= 1 / self.output.fps:
+                heard -= 1 / self.output.fps
+                await self.output.play_tick()
+            await asyncio.sleep(0)
+
+    async def until(self, condition: Callable[[], bool], ticking: bool = False, timeout: float = 5.0) -> None:
+        """Let the conversation work (and the clock tick, with ``ticking``) until ``condition()``."""
+        async with asyncio.timeout(timeout):
+            while not condition():
+                if ticking:
+                    await self.output.play_tick()
+                await asyncio.sleep(0.002)
+
+    def types(self) -> list[str]:
+        return [describe(event) for event in self.events]
+
+    def has(self, description: str) -> Callable[[], bool]:
+        return lambda: description in self.types()
+
+    async def close(self) -> None:
+        await self.bare.close()
+
+
+def describe(event: dict[str, object]) -> str:
+    if event["type"] == "state":
+        return f"state:{event['state']}"
+    if event["type"] == "reply":
+        return "reply:final" + (":interrupted" if event.get("interrupted") else "") if event["final"] else "reply:delta"
+    if event["type"] == "transcript":
+        return "transcript:" + ("typed" if event.get("typed") else "final" if event["final"] else "partial")
+    if event["type"] == "metrics":
+        return "metrics:latency" if "latency_ms" in event else "metrics:gap"
+    return str(event["type"])
