@@ -27,7 +27,7 @@ from engines.lipsync.wav2lip.engine import FADE_FRAMES, Wav2LipStream, Wav2LipSy
 from engines.lipsync.wav2lip.model import deterministic_state_dict
 from engines.registry import create_engine
 from media_server.cli.avatars import add_avatar
-from media_server.cli.models import ModelFetchError, fetch_file
+from media_server.cli.downloads import ModelFetchError, fetch_file
 from media_server.config import load_settings
 from media_server.http.app import create_app
 from media_server.http.state import SESSIONS

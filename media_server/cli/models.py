@@ -2,79 +2,42 @@
 
 Facecast never downloads anything while it serves; this command is the one deliberate exception,
 run by hand. The URL, sha256, destination and licence of each model come from the configuration
-(``[models.NAME]``). The download streams into a hidden partial file next to the destination while
-its sha256 is computed; only a file with the expected hash is renamed into place, so a failed,
-interrupted or tampered download leaves nothing behind. The model's licence terms are printed first.
+(``[models.NAME]``); only a file with the expected hash is kept (``downloads``). The model's licence
+terms are printed first. ``facecast models fetch voice NAME`` fetches a Piper voice (``voices``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import TextIO
 
-from engines.embedded_models import sha256_of
-from media_server.cli.avatars import Progress
+from engines.tts.piper.engine import FETCHED_VOICES_DIR
+from media_server.cli.downloads import ModelFetchError, fetch_file
+from media_server.cli.voices import PIPER_VOICES_URL, fetch_voice_command
 from media_server.config import PROJECT_ROOT, Settings
-
-BLOCK = 1 << 20
-TIMEOUT_S = 60
-
-
-class ModelFetchError(ValueError):
-    """The model could not be fetched; nothing was written. The message says why."""
-
-
-def fetch_file(url: str, sha256: str, destination: Path, progress_stream: TextIO = sys.stderr) -> bool:
-    """Download ``url`` to ``destination`` if it is not already there with this sha256; True if it downloaded.
-
-    ModelFetchError (with nothing written) on a network error or a hash mismatch.
-    """
-    expected = sha256.lower()
-    if destination.is_file() and sha256_of(destination) == expected:
-        return False
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
-    try:
-        digest = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response, partial.open("wb") as out:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            progress = Progress(f"downloading {destination.name}", total, progress_stream, scale=2**20, unit=" MB")
-            while block := response.read(BLOCK):
-                out.write(block)
-                digest.update(block)
-                progress.advance(len(block))
-            progress.close()
-        found = digest.hexdigest()
-        if found != expected:
-            raise ModelFetchError(
-                f"sha256 mismatch for {url}: expected {expected}, got {found}; the download was discarded and "
-                f"nothing was written to {destination}"
-            )
-        os.replace(partial, destination)
-    except (urllib.error.URLError, OSError) as error:
-        raise ModelFetchError(f"could not download {url}: {error}; nothing was written to {destination}") from error
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
-    return True
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="models_command", required=True)
-    fetch = commands.add_parser("fetch", help="download a model named in [models.NAME] of the configuration")
-    fetch.add_argument("name", help="e.g. wav2lip")
+    fetch = commands.add_parser(
+        "fetch", help="download a model named in [models.NAME] of the configuration, or a Piper voice: fetch voice NAME"
+    )
+    fetch.add_argument("name", help="e.g. wav2lip, or voice")
+    fetch.add_argument("voice", nargs="?", help="with `voice`: the Piper voice, e.g. de_DE-thorsten-medium")
+    fetch.add_argument(
+        "--from", dest="source", default=PIPER_VOICES_URL, help="with `voice`: the catalogue's folder (a mirror)"
+    )
+    fetch.add_argument(
+        "--to", dest="folder", type=Path, default=FETCHED_VOICES_DIR, help="with `voice`: where it goes (tts voices_dir)"
+    )
 
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
-    """Run ``facecast models fetch NAME``; a failure prints its reason and exits with status 2."""
+    """Run ``facecast models fetch NAME`` (or ``voice NAME``); a failure prints its reason and exits with status 2."""
+    if args.name == "voice":
+        fetch_voice_command(args.voice, args.source, args.folder)
+        return
     source = settings.models.get(args.name)
     if source is None:
         known = ", ".join(settings.models) or "none"

