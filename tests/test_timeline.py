@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import numpy as np
+import pytest
 
 from engines.avatar import Avatar
 from engines.base import AVFrame, LipSyncEngine, LipSyncStream
@@ -88,3 +89,15 @@ async def test_idle_frames_are_rendered_before_they_are_needed() -> None:
         output.close()
     # Every tick shows the next picture, in order: none waited for its render, none was shown twice.
     assert [picture_number(p) if p is not None else None for p in pictures] == list(range(1, 51))
+
+
+@pytest.mark.parametrize("packet_ms", [20, 40, 60])
+async def test_the_audio_leaves_in_opus_packets_of_the_configured_length(packet_ms: int) -> None:
+    output = AvatarOutput(NumberedLipSync(), blank_avatar(), MediaSettings(audio_packet_ms=packet_ms), "packets")
+    try:
+        for _ in range(6):  # 240 ms at 25 fps
+            await output.play_tick()
+        packets = [await asyncio.wait_for(output.audio.recv(), 1.0) for _ in range(240 // packet_ms)]
+    finally:
+        output.close()
+    assert [len(packet.opaque) for packet in packets] == [output.sample_rate * packet_ms // 1000] * len(packets)

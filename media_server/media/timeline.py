@@ -39,7 +39,6 @@ from engines.base import AVFrame, LipSyncEngine, PhonemeTiming
 from media_server.config import MediaSettings
 from media_server.media.tracks import OpusEncoder, OutputTrack, picture_frame
 
-OPUS_PACKETS_S = (fractions.Fraction(40, 1000), fractions.Fraction(20, 1000))  # the longest that fits a tick
 VIDEO_CLOCK_RATE = 90000
 LIPSYNC_PIECE_S = 0.2
 IDLE_FRAMES_AHEAD = 5  # idle frames rendered per trip to the stream's thread (each trip costs two thread switches)
@@ -75,13 +74,6 @@ PlaybackListener = Callable[[PlaybackEvent], None]
 FrameListener = Callable[[np.ndarray | None, np.ndarray], None]
 # Each packet's audio (int16) as the audio track's consumer takes it, and when.
 SentAudioListener = Callable[[np.ndarray, float], None]
-
-
-def audio_packet_s(fps: int) -> float:
-    """A tick's audio leaves at once, so packets as long as a tick delay nothing, and the WebRTC sender's
-    work (in Python) is per packet, whatever its length. At 25 fps: one 40 ms packet a tick."""
-    tick = fractions.Fraction(1, fps)
-    return float(next((packet for packet in OPUS_PACKETS_S if tick % packet == 0), OPUS_PACKETS_S[-1]))
 
 
 def lipsync_pieces(samples: int, rate: int, turn_starts: bool) -> list[tuple[int, int]]:
@@ -137,7 +129,7 @@ class AvatarOutput:
         self._video_tick = 0  # when the video track was last given a frame
         self._pending_pcm = np.zeros(0, dtype=np.int16)  # audio not yet a whole packet
         self._audio_samples_sent = 0
-        self.audio_packet_s = audio_packet_s(media.fps)
+        self.audio_packet_s = media.audio_packet_ms / 1000
         self._opus = OpusEncoder(media.sample_rate, self.audio_packet_s)
         self._closed = False
 
