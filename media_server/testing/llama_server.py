@@ -88,6 +88,7 @@ def running_llama_server(
         "--n_threads_batch", str(n_threads),
         "--seed", "0",
         "--interrupt_requests", "False",
+        "--logits_all", "False",  # its default computes the logits of every prompt token: prompts read ~2x slower
         *extra_args,
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
