@@ -51,19 +51,20 @@ async def tts(request: web.Request) -> web.Response:
 
 
 async def animation(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    body = await json_body(request)
-    audio = decoded_base64(body.get("byte_str"), "byte_str")
-    path = await service.animate(audio, service.avatar(body.get("avatar")))
-    return _video_answer({"video_path": str(path)}, path)
+    return await _animated(request, audio_field="byte_str", path_field="video_path")
 
 
 async def wav2lip(request: web.Request) -> web.Response:
+    return await _animated(request, audio_field="audio", path_field="wav2lip_result")
+
+
+async def _animated(request: web.Request, audio_field: str, path_field: str) -> web.Response:
+    """The avatar speaking the request's audio, for OPEA's two names of it (each with its own fields)."""
     service = request.app[SERVICE]
     body = await json_body(request)
-    audio = decoded_base64(body.get("audio"), "audio")
+    audio = decoded_base64(body.get(audio_field), audio_field)
     path = await service.animate(audio, service.avatar(body.get("avatar")))
-    return _video_answer({"wav2lip_result": str(path)}, path)
+    return _video_answer({path_field: str(path)}, path)
 
 
 async def avatarchatbot(request: web.Request) -> web.Response:

@@ -4,6 +4,7 @@ work, each blocking step in a worker thread and each engine call within its dead
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -130,20 +131,14 @@ class ModelService:
                 return path
         async with self.renders.turn():
             question = await self.question(audio)
-            video = await self._open_video(avatar)
-            rate = video.sample_rate
-            resampler: StreamResampler | None = None
-            try:
+            async with self._video(avatar) as video:
+                resampler: StreamResampler | None = None
                 async for piece in self._spoken_answer(question, persona, voice, max_tokens):
-                    resampler = resampler or StreamResampler(piece.sample_rate, rate)
+                    resampler = resampler or StreamResampler(piece.sample_rate, video.sample_rate)
                     await self._push(video, resampler.push(piece.audio))
                 if resampler is None:
                     raise EngineFailed("the answer had nothing to say")
                 await self._push(video, resampler.flush())
-                await self._finish(video)
-            except BaseException:
-                await asyncio.to_thread(video.abandon)
-                raise
         self.outputs.prune()
         return video.path
 
@@ -157,13 +152,8 @@ class ModelService:
                 return path
         async with self.renders.turn():
             samples = await asyncio.to_thread(read_audio, audio, rate, limit, "the audio")
-            video = await self._open_video(avatar)
-            try:
+            async with self._video(avatar) as video:
                 await self._push(video, samples)
-                await self._finish(video)
-            except BaseException:
-                await asyncio.to_thread(video.abandon)
-                raise
         self.outputs.prune()
         return video.path
 
@@ -185,7 +175,9 @@ class ModelService:
         self.outputs.prune()
         return path
 
-    async def _open_video(self, avatar_name: str) -> SpeechVideo:
+    @contextlib.asynccontextmanager
+    async def _video(self, avatar_name: str) -> AsyncIterator[SpeechVideo]:
+        """An MP4 of the avatar in the outputs, finished when the block ends; if it fails, nothing is left."""
         runtime, media = self.runtime, self.settings.media
         try:
             avatar = await asyncio.to_thread(runtime.avatars.get, avatar_name)
@@ -193,7 +185,13 @@ class ModelService:
         except AvatarError as error:
             raise UnusableAvatar(f"avatar {avatar_name!r} cannot be used: {error}") from None
         path = self.outputs.new_path()
-        return await asyncio.to_thread(SpeechVideo, runtime.engines.lipsync, avatar, path, media.fps, media.sample_rate)
+        video = await asyncio.to_thread(SpeechVideo, runtime.engines.lipsync, avatar, path, media.fps, media.sample_rate)
+        try:
+            yield video
+            await self._finish(video)
+        except BaseException:
+            await asyncio.to_thread(video.abandon)
+            raise
 
     async def _push(self, video: SpeechVideo, samples: np.ndarray) -> None:
         """Render ``samples`` into ``video`` in pieces, each in a worker thread within ``deadlines.lipsync_s``

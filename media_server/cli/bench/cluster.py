@@ -143,14 +143,24 @@ def _chunk_round_trips(settings: Settings, chunks: int) -> dict[str, object]:
     }
 
 
-async def _worker_killed(cluster: dict[str, FacecastProcess]) -> dict[str, float]:
-    a = cluster["A"]
-    page = LoopbackClient(a.url, keep_video=False)
+async def _telling_the_story(node: FacecastProcess) -> tuple[LoopbackClient, float]:
+    """A page on ``node`` whose avatar has started telling the long story; and when it was asked to."""
+    page = LoopbackClient(node.url, keep_video=False)
     await page.connect()
+    sent = time.monotonic()
     try:
-        sent = time.monotonic()
         page.send({"type": "say", "text": STORY})
         await page.wait_for(_is_state("speaking"), 60, after=sent)
+    except BaseException:
+        await page.close()
+        raise
+    return page, sent
+
+
+async def _worker_killed(cluster: dict[str, FacecastProcess]) -> dict[str, float]:
+    a = cluster["A"]
+    page, sent = await _telling_the_story(a)
+    try:
         await asyncio.sleep(1.0)
         entries = cluster_entries(a)
         busy = next(name for name in ("W1", "W2") if entries[name]["sessions"] > 0)
@@ -184,12 +194,8 @@ async def _node_killed(cluster: dict[str, FacecastProcess]) -> dict[str, float]:
 
 async def _broker_killed(nats: NatsServer, cluster: dict[str, FacecastProcess]) -> dict[str, float]:
     a, b = cluster["A"], cluster["B"]
-    page = LoopbackClient(a.url, keep_video=False)
-    await page.connect()
+    page, sent = await _telling_the_story(a)
     try:
-        sent = time.monotonic()
-        page.send({"type": "say", "text": STORY})
-        await page.wait_for(_is_state("speaking"), 60, after=sent)
         await asyncio.sleep(0.5)
         nats.kill()
         await asyncio.sleep(BROKER_DOWN_S)
