@@ -98,7 +98,7 @@ class MediaSettings(Strict):
     fps: int = Field(25, ge=5, le=60)
     idle_fps: int = Field(1, ge=1, le=60)
     sample_rate: int = 48000
-    audio_packet_ms: Literal[20, 40, 60] = 40
+    audio_packet_ms: Literal[20, 40, 60] = 20
     mic_jitter_buffer_packets: int = Field(1, ge=1, le=15)
 
     @model_validator(mode="after")
