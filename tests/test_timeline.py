@@ -63,6 +63,34 @@ async def test_a_stalled_lipsync_thread_neither_delays_the_clock_nor_silences_it
     assert set(audio_sent) == {output.samples_per_frame}
 
 
+@pytest.mark.parametrize("drop", ["clear", "discard"])
+async def test_a_render_that_finishes_after_its_turn_was_dropped_never_plays(drop: str) -> None:
+    # A barge-in clears the output at once, but cancelling the turn's task takes a loop iteration or two:
+    # a render finishing in between must not put the interrupted reply back on the air.
+    engine = StallingLipSync()
+    output = AvatarOutput(engine, blank_avatar(), MediaSettings(), "drop")
+    try:
+        if drop == "discard":
+            output.hold(1)  # a speculative reply, never confirmed
+        speaking = asyncio.create_task(output.speak(1, np.full(9600, 0.1, np.float32)))
+        await asyncio.to_thread(engine.rendering.wait, 5)
+        if drop == "clear":
+            output.clear()
+        else:
+            output.discard(1)
+        engine.release.set()
+        await speaking  # not cancelled: its render comes back after the drop
+        assert output.queued_frames == 0
+        for _ in range(10):
+            await output.play_tick()
+        assert not output.speaking
+        await output.speak(2, np.full(9600, 0.1, np.float32))
+        assert output.queued_frames > 0, "the next turn plays as usual"
+    finally:
+        engine.release.set()
+        output.close()
+
+
 class Moving(NumberedLipSync):
     """Idle frames that all differ (a head that never stops moving)."""
 

@@ -100,10 +100,9 @@ async def test_a_cough_over_the_avatar_pauses_it_and_it_resumes_where_it_stopped
     s = scripted(tts=ToneTTS(seconds_per_word=0.3))
     s.conversation.say("A reply long enough to cough over it.")
     await s.until(s.has("state:speaking"), ticking=True)
-    played = len(s.pictures)
     await s.hear(0.2, tick=True)  # shorter than an interruption
     assert s.output.paused
-    held = max(s.pictures[played:])
+    held = max(s.pictures)  # the speech frame it stopped on (the pause may come before this tick plays anything)
     await s.hear(0.5, probability=0.0, tick=True)
     assert "resumed" in s.types() and not s.output.paused and "interrupted" not in s.types()
     await s.until(s.has("state:listening"), ticking=True)
@@ -169,8 +168,10 @@ async def test_the_llm_waits_while_the_first_clause_is_synthesised(scripted) -> 
     await s.until(lambda: len(s.tts.spoken) == 1)
     s.llm.release(2)
     await asyncio.sleep(0.2)
-    # The first clause went to TTS, and the LLM holds its next words until it is synthesised.
-    assert s.tts.spoken[0][0] == "The capital of France is Paris." and s.llm.written == 2
+    # The first clause went to TTS, and the LLM holds its next words until it is synthesised: at most
+    # the delta it was computing when the clause was queued comes out (when depends on thread timing).
+    assert s.tts.spoken[0][0] == "The capital of France is Paris."
+    assert s.types().count("reply:delta") <= 3 and s.llm.written <= 2
     s.tts.hold.set()
     await s.until(s.has("reply:final"))
     assert s.llm.written == 4

@@ -44,6 +44,9 @@ LIPSYNC_PIECE_S = 0.2
 IDLE_FRAMES_AHEAD = 5  # idle frames rendered per trip to the stream's thread (each trip costs two thread switches)
 # Two frames at 25 fps (one to show, one the renderer looks ahead into), then two more while it plays.
 TURN_START_LIPSYNC_PIECES_S = (0.08, 0.08)
+# A dropped turn's render still in flight lands within a loop iteration or two of the drop; a few of the
+# latest dropped turns are all that need remembering.
+DROPPED_TURNS_KEPT = 16
 
 
 class Playback(Enum):
@@ -116,6 +119,7 @@ class AvatarOutput:
         self._idle_ahead: deque[np.ndarray] = deque()
         self._idle_rendering: asyncio.Future[list[np.ndarray]] | None = None
         self._held: dict[int, list[QueuedFrame]] = {}
+        self._dropped: deque[int] = deque(maxlen=DROPPED_TURNS_KEPT)  # turns whose frames must never play
         self._rendering: tuple[int, bool] | None = None  # (turn, whether its first frames are rendered)
         # The rendering turn's segment: samples pushed, frames queued, and captions waiting for their frame.
         self._segment_samples = 0
@@ -191,15 +195,26 @@ class AvatarOutput:
     def discard(self, turn: int) -> None:
         """Forget a held turn: its frames, and the audio the stream still holds for it."""
         self._held.pop(turn, None)
+        self._dropped.append(turn)
         self._clear_stream()
 
     def clear(self) -> None:
-        """Barge-in: drop every queued and held frame, and what the lip-sync stream has not rendered yet."""
+        """Barge-in: drop every queued and held frame, and what the lip-sync stream has not rendered yet.
+        A render of these turns that finishes afterwards (its task not yet cancelled) is dropped too."""
+        self._dropped.extend(self._known_turns())
         self._queue.clear()
         self._held.clear()
         self._playing_turn = None
         self.paused = False
         self._clear_stream()
+
+    def _known_turns(self) -> set[int]:
+        turns = {queued.turn for queued in self._queue} | set(self._held)
+        if self._rendering is not None:
+            turns.add(self._rendering[0])
+        if self._playing_turn is not None:
+            turns.add(self._playing_turn)
+        return turns
 
     def _clear_stream(self) -> None:
         """After whatever the stream's thread is rendering now: a render already running is not cut short."""
@@ -236,7 +251,7 @@ class AvatarOutput:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _queue_frames(self, turn: int, frames: list[AVFrame]) -> None:
-        if not frames:
+        if not frames or turn in self._dropped:
             return
         queued = [QueuedFrame(frame, turn, self._caption_of_next_frame()) for frame in frames]
         if self._rendering == (turn, False):
