@@ -59,6 +59,7 @@ const ui = {
 ui.screen = ui.video.parentElement;
 
 let options = { avatars: [], personas: {}, voices: [], defaults: {}, ice_servers: [] };
+let optionsLoaded = Promise.resolve(); // settles once `options` is loaded (or could not be)
 /** The current connection: {client, microphone, meter, ready, connected, muted, persona}, or null. */
 let session = null;
 
@@ -601,7 +602,12 @@ function sendDocuments(url, files, line) {
 }
 
 async function addDocuments(files) {
+  await optionsLoaded; // files can be dropped before the page knows which personas take documents
   const persona = chosenPersona();
+  if (!persona) {
+    showError("The server's personas could not be loaded, so the documents have nowhere to go: reload the page.");
+    return;
+  }
   const [base] = options.knowledge?.[persona] ?? [];
   const name = options.personas[persona] ?? persona;
   if (!base) {
@@ -714,7 +720,7 @@ function init() {
   window.addEventListener("pagehide", () => endSession());
   if (!window.isSecureContext) showInsecureContextNotice();
   renderControls();
-  loadOptions();
+  optionsLoaded = loadOptions();
   // For tests and debugging: the live connection, e.g. `facecast.pc.getStats()`.
   window.facecast = {
     get client() {

@@ -6,6 +6,7 @@ getUserMedia → WebRTC → VAD → ASR → LLM → TTS → lip-sync → the pag
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterator
 
@@ -173,6 +174,14 @@ HANDBOOK = (
 
 async def test_documents_dropped_on_the_chat_answer_questions_with_their_sources_and_sentences_show_as_spoken(page):
     status = page.get_by_test_id("upload-status")
+
+    async def slow_options(route) -> None:  # noqa: ANN001 - playwright's Route
+        await asyncio.sleep(1.0)
+        await route.continue_()
+
+    # Files dropped before the page has heard which personas take documents wait for it.
+    await page.route("**/api/options", slow_options)
+    await page.reload()
     await page.evaluate(DROP_FILE, ["report.docx", "not a document"])
     await expect(page.get_by_test_id("error")).to_contain_text("report.docx: only PDF, Markdown, text and HTML")
     await page.evaluate(DROP_FILE, ["empty.md", ""])
